@@ -1,0 +1,227 @@
+//! The `marina` command line: `serve`, `check` and `schema`.
+//!
+//! Every flag of `serve` can also come from the environment (`--port` or `PORT`), and every setting is checked
+//! before the port is bound, so a bad one fails at start with a message naming the flag, not on the first request.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::logging::{self, LogFormat};
+use crate::registry;
+
+pub const DEFAULT_APPS_DIR: &str = "./apps";
+pub const DEFAULT_HOST: &str = "127.0.0.1";
+pub const DEFAULT_PORT: u16 = 8080;
+/// Live WASM instances across all apps (used by the worker pool).
+pub const DEFAULT_POOL_SIZE: usize = 32;
+/// The pool reserves address space per slot, so the cap has a ceiling.
+pub const MAX_POOL_SIZE: usize = 10_000;
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+pub const DEFAULT_SHUTDOWN_TIMEOUT: &str = "30s";
+/// A drain longer than this is a misconfiguration, not a wish.
+pub const MAX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Exit code for settings that are wrong (as clap uses for bad flags).
+const EXIT_USAGE: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(name = "marina", version, about = "Hosts versioned WebAssembly and static apps from a directory.")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve every app in the apps directory at /<app>@<version>/.
+    Serve(ServeArgs),
+    /// Check an apps directory: every version's config and entrypoint. Exits non-zero if any is invalid.
+    Check {
+        /// The apps directory to check.
+        #[arg(env = "APPS_DIR", default_value = DEFAULT_APPS_DIR)]
+        dir: PathBuf,
+    },
+    /// Print the JSON schema of worker.config.json.
+    Schema,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The directory holding <app>/<version>/ folders.
+    #[arg(long, env = "APPS_DIR", default_value = DEFAULT_APPS_DIR)]
+    pub apps_dir: PathBuf,
+    /// The address to listen on (an IP address or a host name).
+    #[arg(long, env = "HOST", default_value = DEFAULT_HOST)]
+    pub host: String,
+    /// The port to listen on; 0 picks a free one (the address is logged).
+    #[arg(long, env = "PORT", default_value_t = DEFAULT_PORT)]
+    pub port: u16,
+    /// The most WASM instances alive at once, across all apps.
+    #[arg(long, env = "POOL_SIZE", default_value_t = DEFAULT_POOL_SIZE, value_parser = parse_pool_size)]
+    pub pool_size: usize,
+    /// How log lines are written.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
+    pub log_format: LogFormat,
+    /// A level (`info`, `debug`) or a filter (`marina=debug,hyper=warn`).
+    #[arg(long, env = "LOG_LEVEL", default_value = DEFAULT_LOG_LEVEL)]
+    pub log_level: String,
+    /// How long a shutdown waits for in-flight requests (`30s`, `500ms`, or seconds).
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = DEFAULT_SHUTDOWN_TIMEOUT, value_parser = parse_shutdown_timeout)]
+    pub shutdown_timeout: Duration,
+}
+
+fn parse_pool_size(text: &str) -> Result<usize, String> {
+    let size: usize = text.trim().parse().map_err(|_| format!("{text:?} is not a whole number"))?;
+    if !(1..=MAX_POOL_SIZE).contains(&size) {
+        return Err(format!("must be between 1 and {MAX_POOL_SIZE}"));
+    }
+    Ok(size)
+}
+
+fn parse_shutdown_timeout(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let duration = match text.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => humantime::parse_duration(text).map_err(|e| format!("{text:?} is not a duration: {e}"))?,
+    };
+    if duration > MAX_SHUTDOWN_TIMEOUT {
+        return Err(format!("must be at most {}", humantime::format_duration(MAX_SHUTDOWN_TIMEOUT)));
+    }
+    Ok(duration)
+}
+
+/// `serve`'s settings once every one has been checked.
+#[derive(Debug)]
+pub struct Settings {
+    pub apps_dir: PathBuf,
+    pub addr: SocketAddr,
+    pub pool_size: usize,
+    pub log_format: LogFormat,
+    pub log_filter: tracing_subscriber::EnvFilter,
+    pub shutdown_timeout: Duration,
+}
+
+impl ServeArgs {
+    /// Checks what clap cannot: that the directory exists and the host resolves and the log filter parses.
+    pub fn validate(self) -> Result<Settings, String> {
+        let apps_dir = canonical_dir(&self.apps_dir, "--apps-dir")?;
+        let addr = (self.host.as_str(), self.port)
+            .to_socket_addrs()
+            .map_err(|e| format!("--host {:?}: cannot resolve: {e}", self.host))?
+            .next()
+            .ok_or_else(|| format!("--host {:?}: resolves to no address", self.host))?;
+        let log_filter = logging::parse_filter(&self.log_level).map_err(|e| format!("--log-level: {e}"))?;
+        Ok(Settings {
+            apps_dir,
+            addr,
+            pool_size: self.pool_size,
+            log_format: self.log_format,
+            log_filter,
+            shutdown_timeout: self.shutdown_timeout,
+        })
+    }
+}
+
+fn canonical_dir(dir: &std::path::Path, flag: &str) -> Result<PathBuf, String> {
+    let canonical = dir.canonicalize().map_err(|e| format!("{flag} {}: {e}", dir.display()))?;
+    if !canonical.is_dir() {
+        return Err(format!("{flag} {}: not a directory", dir.display()));
+    }
+    Ok(canonical)
+}
+
+/// Runs the command line; the binary's `main` is only this.
+pub fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args),
+        Command::Check { dir } => check(&dir),
+        Command::Schema => {
+            print!("{}", crate::config::schema_json());
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let settings = match args.validate() {
+        Ok(settings) => settings,
+        Err(message) => {
+            eprintln!("marina: {message}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    logging::init(settings.log_format, settings.log_filter);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("marina: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let listener = match tokio::net::TcpListener::bind(settings.addr).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::error!(addr = %settings.addr, %error, "cannot listen");
+                return ExitCode::FAILURE;
+            }
+        };
+        match listener.local_addr() {
+            Ok(addr) => tracing::info!(apps_dir = %settings.apps_dir.display(), "listening on http://{addr}"),
+            Err(error) => tracing::warn!(%error, "listening, but the bound address is unknown"),
+        }
+        let shutdown = crate::lifecycle::shutdown_signal();
+        match crate::server::serve(listener, settings.apps_dir, shutdown, settings.shutdown_timeout).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                tracing::error!(%error, "server failed");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// `marina check`: one line per problem on stdout; exit 1 if any version is invalid.
+fn check(dir: &std::path::Path) -> ExitCode {
+    let dir = match canonical_dir(dir, "apps directory") {
+        Ok(dir) => dir,
+        Err(message) => {
+            eprintln!("marina: {message}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let snapshot = match registry::scan_apps_dir(&dir) {
+        Ok(snapshot) => snapshot,
+        Err(error) => {
+            eprintln!("marina: cannot read {}: {error}", dir.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let (mut versions, mut errors) = (0, 0);
+    let apps = snapshot.sorted_apps();
+    for reason in &snapshot.ignored {
+        println!("warning: {reason}");
+    }
+    for app in &apps {
+        for reason in &app.ignored {
+            println!("warning: {reason}");
+        }
+        for version in &app.versions {
+            versions += 1;
+            if let Err(error) = &version.deployment {
+                errors += 1;
+                println!("error: {error}");
+            }
+        }
+    }
+    if errors > 0 {
+        println!("{errors} of {versions} versions are invalid");
+        return ExitCode::FAILURE;
+    }
+    println!("ok: {} apps, {versions} versions", apps.len());
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,145 @@
+//! Requests for apps: split `/<app>[@<spec>]/rest`, resolve the version, and hand the rest to what serves it.
+//!
+//! Everything that is not an internal `/_/` route lands here. The version is resolved once, from one snapshot,
+//! and held (an `Arc`) for the whole request, so a reload or removal mid-request cannot change what serves it.
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+
+use crate::error::Error;
+use crate::lifecycle::Phase;
+use crate::registry::{AppKind, Resolved};
+use crate::server::AppState;
+use crate::static_files;
+
+/// The request header that tells an app the prefix it was reached under, e.g. `/hello@1`.
+pub const BASE_HEADER: &str = "x-marina-base";
+
+/// The app and version that served a response, left in its extensions for the access log.
+#[derive(Debug, Clone)]
+pub struct Served {
+    pub app: String,
+    pub version: String,
+}
+
+/// The fallback handler: every request that is not an internal route.
+pub async fn handle(State(state): State<AppState>, request: Request) -> Response {
+    if state.lifecycle.phase() == Phase::Loading {
+        return Error::Loading.into_response();
+    }
+    let path = request.uri().path();
+    let (segment, rest) = split_mount(path);
+    if segment.is_empty() {
+        return Error::NoRoute("name an app in the path: /<app>[@<version>]/...".into()).into_response();
+    }
+    let resolved = match state.registry.snapshot().resolve(segment) {
+        Ok(resolved) => resolved,
+        Err(error) => return error.into_response(),
+    };
+    let served = Served { app: resolved.app.name.clone(), version: resolved.version.version.to_string() };
+    let (segment, rest) = (segment.to_owned(), rest.to_owned());
+    let mut response = serve(&resolved, &segment, &rest, request).await.unwrap_or_else(IntoResponse::into_response);
+    response.extensions_mut().insert(served);
+    response
+}
+
+async fn serve(resolved: &Resolved, segment: &str, rest: &str, request: Request) -> Result<Response, Error> {
+    let version = &resolved.version;
+    let deployment = version.deployment.as_ref().map_err(|reason| Error::InvalidVersion {
+        app: resolved.app.name.clone(),
+        version: version.version.to_string(),
+        reason: reason.clone(),
+    })?;
+    if rest == "/health" {
+        return Ok((StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], "OK").into_response());
+    }
+    match deployment.kind {
+        AppKind::Static => {
+            let method = request.method();
+            if rest.is_empty() && (method == Method::GET || method == Method::HEAD) {
+                // `/app@1` -> `/app@1/`, so that the page's relative links resolve under its prefix.
+                let query = request.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+                return Ok(permanent_redirect(&format!("/{segment}/{query}")));
+            }
+            let path = if rest.is_empty() { "/" } else { rest };
+            static_files::serve(deployment, path, method, request.headers()).await
+        }
+        AppKind::Wasm => Err(Error::WorkersUnavailable {
+            app: resolved.app.name.clone(),
+            version: version.version.to_string(),
+        }),
+    }
+}
+
+/// `/hello@1/a/b` -> (`hello@1`, `/a/b`); `/hello@1` -> (`hello@1`, ``).
+pub fn split_mount(path: &str) -> (&str, &str) {
+    let path = path.strip_prefix('/').unwrap_or(path);
+    match path.find('/') {
+        Some(i) => (&path[..i], &path[i..]),
+        None => (path, ""),
+    }
+}
+
+/// The request as an app sees it: the path after its mount prefix (`/` when nothing follows), the query kept,
+/// and the prefix in [`BASE_HEADER`] so the app can build links that come back to the same version.
+pub fn app_request<B>(mut request: http::Request<B>) -> http::Request<B> {
+    let (segment, rest) = split_mount(request.uri().path());
+    let base = format!("/{segment}");
+    let path = if rest.is_empty() { "/" } else { rest };
+    let path_and_query = match request.uri().query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_owned(),
+    };
+    let mut parts = request.uri().clone().into_parts();
+    parts.path_and_query = path_and_query.parse().ok();
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *request.uri_mut() = uri;
+    }
+    if let Ok(value) = HeaderValue::from_str(&base) {
+        request.headers_mut().insert(BASE_HEADER, value);
+    }
+    request
+}
+
+fn permanent_redirect(location: &str) -> Response {
+    match HeaderValue::from_str(location) {
+        Ok(location) => (StatusCode::PERMANENT_REDIRECT, [(header::LOCATION, location)]).into_response(),
+        Err(_) => Error::NoRoute("the path cannot be redirected".into()).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_segment_is_the_mount_and_the_rest_goes_to_the_app() {
+        assert_eq!(split_mount("/hello@1/a/b"), ("hello@1", "/a/b"));
+        assert_eq!(split_mount("/hello@1/"), ("hello@1", "/"));
+        assert_eq!(split_mount("/hello@1"), ("hello@1", ""));
+        assert_eq!(split_mount("/"), ("", ""));
+    }
+
+    #[test]
+    fn an_app_sees_the_rest_of_the_path_and_its_mount_prefix() {
+        let cases = [
+            ("/hello@1/a/b?q=1", "/a/b?q=1", "/hello@1"),
+            ("/hello@1", "/", "/hello@1"),
+            ("/hello@1?x=y", "/?x=y", "/hello@1"),
+            ("/hello/", "/", "/hello"),
+            ("/hello@%5E1.2/x", "/x", "/hello@%5E1.2"),
+        ];
+        for (uri, seen, base) in cases {
+            let request = app_request(http::Request::get(uri).body(()).unwrap());
+            assert_eq!(request.uri(), seen, "{uri}");
+            assert_eq!(request.headers()[BASE_HEADER], base, "{uri}");
+        }
+    }
+
+    #[test]
+    fn a_client_cannot_forge_the_mount_prefix() {
+        let request = http::Request::get("/hello@1/x").header(BASE_HEADER, "/evil").body(()).unwrap();
+        assert_eq!(app_request(request).headers()[BASE_HEADER], "/hello@1");
+    }
+}

@@ -1,0 +1,167 @@
+//! Every way a request can fail, and the one place each failure becomes an HTTP response.
+//!
+//! Clients always get a JSON body `{"error": "<what was wrong>", "code": "<stable code>", ...}`; the message is
+//! written for the person reading it, the code for programs. Internal details are logged, not sent.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+use crate::registry::SpecError;
+
+/// A request that cannot be served, with the status it answers.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The first path segment names no deployed app.
+    #[error("no app named {app:?}")]
+    AppNotFound { app: String },
+
+    /// The app exists but no version matches the spec.
+    #[error("no version of {app:?} matches {}", spec.as_deref().unwrap_or("(latest)"))]
+    VersionNotFound { app: String, spec: Option<String>, available: Vec<String> },
+
+    /// The text after `@` is not a version or a semver range.
+    #[error("{0}")]
+    BadSpec(SpecError),
+
+    /// The resolved version's config or entrypoint is invalid.
+    #[error("{app}@{version} cannot be served: {reason}")]
+    InvalidVersion { app: String, version: String, reason: String },
+
+    /// The resolved version is a WebAssembly component, and this build has no worker pool yet.
+    #[error("{app}@{version} is a WebAssembly app, and WASM workers are not available in this build")]
+    WorkersUnavailable { app: String, version: String },
+
+    /// Requests arrived before the first scan of APPS_DIR finished.
+    #[error("apps are still loading; retry shortly")]
+    Loading,
+
+    /// The path asks for no app, or for an internal route that does not exist.
+    #[error("{0}")]
+    NoRoute(String),
+
+    /// A static app has no file at this path (or the path tried to leave the app's directory).
+    #[error("no file at {0}")]
+    FileNotFound(String),
+
+    /// Static apps answer only GET and HEAD.
+    #[error("method {0} is not allowed here; use GET or HEAD")]
+    MethodNotAllowed(String),
+
+    /// A byte range beyond the end of the file.
+    #[error("the requested range is outside the file's {len} bytes")]
+    RangeNotSatisfiable { len: u64 },
+
+    /// The request target is longer than the server accepts.
+    #[error("the request path is {len} bytes long; the limit is {limit}")]
+    UriTooLong { len: usize, limit: usize },
+
+    /// Something failed on the server's side; the detail is logged, not sent.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::AppNotFound { .. } | Error::VersionNotFound { .. } | Error::NoRoute(_) | Error::FileNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
+            Error::BadSpec(_) => StatusCode::BAD_REQUEST,
+            Error::InvalidVersion { .. } | Error::WorkersUnavailable { .. } | Error::Loading => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Error::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
+            Error::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A stable, machine-readable name for the failure.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::AppNotFound { .. } => "app_not_found",
+            Error::VersionNotFound { .. } => "version_not_found",
+            Error::BadSpec(_) => "bad_version_spec",
+            Error::InvalidVersion { .. } => "invalid_version",
+            Error::WorkersUnavailable { .. } => "workers_unavailable",
+            Error::Loading => "loading",
+            Error::NoRoute(_) => "no_route",
+            Error::FileNotFound(_) => "not_found",
+            Error::MethodNotAllowed(_) => "method_not_allowed",
+            Error::RangeNotSatisfiable { .. } => "range_not_satisfiable",
+            Error::UriTooLong { .. } => "uri_too_long",
+            Error::Internal(_) => "internal",
+        }
+    }
+
+    fn body(&self) -> Value {
+        let mut body = json!({ "error": self.to_string(), "code": self.code() });
+        match self {
+            Error::AppNotFound { app } => body["app"] = json!(app),
+            Error::VersionNotFound { app, spec, available } => {
+                body["app"] = json!(app);
+                body["spec"] = json!(spec);
+                body["available"] = json!(available);
+            }
+            Error::BadSpec(e) => body["spec"] = json!(e.spec),
+            Error::InvalidVersion { app, version, .. } | Error::WorkersUnavailable { app, version } => {
+                body["app"] = json!(app);
+                body["version"] = json!(version);
+            }
+            _ => {}
+        }
+        body
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        if let Error::Internal(detail) = &self {
+            tracing::error!(%detail, "internal error");
+        }
+        let mut response = (self.status(), axum::Json(self.body())).into_response();
+        let headers = response.headers_mut();
+        match &self {
+            Error::Loading => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            Error::MethodNotAllowed(_) => {
+                headers.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            }
+            Error::RangeNotSatisfiable { len } => {
+                let value = HeaderValue::from_str(&format!("bytes */{len}")).expect("digits are a valid header");
+                headers.insert(header::CONTENT_RANGE, value);
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_version_lists_what_is_available() {
+        let error = Error::VersionNotFound {
+            app: "hello".into(),
+            spec: Some("^3".into()),
+            available: vec!["2.0.0".into(), "1.0.0".into()],
+        };
+        assert_eq!(error.status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            error.body(),
+            json!({"error": "no version of \"hello\" matches ^3", "code": "version_not_found", "app": "hello",
+                   "spec": "^3", "available": ["2.0.0", "1.0.0"]})
+        );
+    }
+
+    #[test]
+    fn internal_details_are_not_sent_to_the_client() {
+        let error = Error::Internal("/secret/path: permission denied".into());
+        assert_eq!(error.body(), json!({"error": "internal error", "code": "internal"}));
+    }
+}

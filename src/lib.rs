@@ -1,0 +1,28 @@
+//! Marina hosts versioned apps from a directory: drop `APPS_DIR/<app>/<version>/` on disk and it answers at
+//! `/<app>@<semver>/...`.
+//!
+//! How the parts fit, in the order a request meets them:
+//!
+//! - [`cli`]: the `marina` command (`serve`, `check`, `schema`); settings are validated before anything binds.
+//! - [`server`]: the accept loop (HTTP/1.1 and h2c on one port, limits, graceful drain) and the router.
+//! - [`access_log`]: one structured log line per request.
+//! - [`internal`]: the host's own routes under `/_/` (health, readiness, deployments).
+//! - [`dispatch`]: splits `/<app>@<spec>/rest`, resolves the version, and hands the rest to what serves it.
+//! - [`registry`]: what is deployed: the scan of APPS_DIR, semver resolution, hot reload.
+//! - [`config`]: `worker.config.json`, its validation and its generated JSON schema.
+//! - [`static_files`]: static apps, with conditional and range requests, confined to their directory.
+//! - [`error`]: every failure and the one place it becomes a JSON response.
+//! - [`lifecycle`]: loading, ready, draining, and the signals that end the process.
+//! - [`logging`]: pretty or JSON log output.
+
+pub mod access_log;
+pub mod cli;
+pub mod config;
+pub mod dispatch;
+pub mod error;
+pub mod internal;
+pub mod lifecycle;
+pub mod logging;
+pub mod registry;
+pub mod server;
+pub mod static_files;

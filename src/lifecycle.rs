@@ -1,0 +1,98 @@
+//! Where the server is in its life (loading, ready, draining), and the OS signals that end it.
+//!
+//! Readiness is a separate question from liveness: a load balancer should stop sending traffic while the apps are
+//! still being scanned and once a drain has begun, but the process is alive throughout.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// The phases, in the only order they happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    /// The first scan of APPS_DIR has not finished.
+    Loading = 0,
+    /// Serving.
+    Ready = 1,
+    /// A shutdown signal arrived: no new connections, in-flight requests finish.
+    Draining = 2,
+}
+
+/// The current phase, shared by the server, the loader and the readiness route.
+#[derive(Debug)]
+pub struct Lifecycle {
+    phase: AtomicU8,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Lifecycle { phase: AtomicU8::new(Phase::Loading as u8) }
+    }
+}
+
+impl Lifecycle {
+    pub fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::Acquire) {
+            0 => Phase::Loading,
+            1 => Phase::Ready,
+            _ => Phase::Draining,
+        }
+    }
+
+    /// Loading is over. Does nothing once draining: a late loader must not make a draining server ready again.
+    pub fn set_ready(&self) {
+        let _ = self.phase.compare_exchange(
+            Phase::Loading as u8,
+            Phase::Ready as u8,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
+    pub fn set_draining(&self) {
+        self.phase.store(Phase::Draining as u8, Ordering::Release);
+    }
+}
+
+/// Resolves on the first SIGINT or SIGTERM (Ctrl-C elsewhere).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received"),
+        _ = terminate => tracing::info!("SIGTERM received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_only_move_forward() {
+        let lifecycle = Lifecycle::default();
+        assert_eq!(lifecycle.phase(), Phase::Loading);
+        lifecycle.set_ready();
+        assert_eq!(lifecycle.phase(), Phase::Ready);
+        lifecycle.set_draining();
+        lifecycle.set_ready();
+        assert_eq!(lifecycle.phase(), Phase::Draining);
+    }
+}

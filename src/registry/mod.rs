@@ -1,0 +1,191 @@
+//! What is deployed: every app and version found in APPS_DIR, and how a request picks one.
+//!
+//! The request path reads an immutable [`Snapshot`] through an [`ArcSwap`], so resolving takes no lock and a
+//! reload never blocks a request; a reload builds a new snapshot and swaps it in. Requests that already hold a
+//! version keep it until they finish, even if the version is removed meanwhile.
+
+mod resolve;
+mod scan;
+mod watch;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use semver::Version;
+use serde::Serialize;
+
+use crate::config::WorkerConfig;
+use crate::error::Error;
+
+pub use resolve::{parse_spec, parse_target, Spec, SpecError, Target};
+pub use scan::{load_version, scan_apps_dir, valid_app_name, DEFAULT_ENTRYPOINTS, MAX_APP_NAME_LEN};
+pub use watch::{Watcher, DEBOUNCE};
+
+/// How a version serves requests, decided by its entrypoint's extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppKind {
+    /// A `.wasm` component run by the worker pool.
+    Wasm,
+    /// An `.html` entrypoint: files served from its directory.
+    Static,
+}
+
+/// A version whose config and entrypoint are valid: everything needed to serve it.
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    pub config: WorkerConfig,
+    pub kind: AppKind,
+    /// The entrypoint relative to the version directory, as shown to people.
+    pub entrypoint: PathBuf,
+    /// The entrypoint's canonical path.
+    pub entrypoint_path: PathBuf,
+    /// The canonical directory static files are served from (the entrypoint's directory).
+    pub root: PathBuf,
+}
+
+/// One version directory of an app.
+#[derive(Debug)]
+pub struct AppVersion {
+    pub version: Version,
+    /// The directory's name as found on disk (`1.2.3` or `v1.2.3`).
+    pub dir_name: String,
+    pub dir: PathBuf,
+    /// The version's deployment, or why it cannot be served (it then answers 503 with this text).
+    pub deployment: Result<Deployment, String>,
+}
+
+/// One app: its versions, highest first.
+#[derive(Debug)]
+pub struct App {
+    pub name: String,
+    pub versions: Vec<Arc<AppVersion>>,
+    /// Entries of the app directory that are not versions, with the reason they were skipped.
+    pub ignored: Vec<String>,
+}
+
+impl App {
+    /// The versions as strings, highest first, for error messages.
+    pub fn version_list(&self) -> Vec<String> {
+        self.versions.iter().map(|v| v.version.to_string()).collect()
+    }
+}
+
+/// Every app at one moment. Never changes once built.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub apps: HashMap<Box<str>, Arc<App>>,
+    /// Entries of APPS_DIR that are not apps, with the reason they were skipped.
+    pub ignored: Vec<String>,
+}
+
+/// The version a request resolved to, held by the request until it finishes.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub app: Arc<App>,
+    pub version: Arc<AppVersion>,
+}
+
+impl Snapshot {
+    /// Resolves the first path segment (`<app>[@<spec>]`, still percent-encoded) to a version.
+    pub fn resolve(&self, segment: &str) -> Result<Resolved, Error> {
+        let target = parse_target(segment).map_err(Error::BadSpec)?;
+        let app = self
+            .apps
+            .get(target.app.as_ref())
+            .ok_or_else(|| Error::AppNotFound { app: target.app.to_string() })?;
+        match target.spec.pick(&app.versions, |v| &v.version) {
+            Some(version) => Ok(Resolved { app: app.clone(), version: version.clone() }),
+            None => Err(Error::VersionNotFound {
+                app: app.name.clone(),
+                spec: target.spec_text.map(|s| s.into_owned()),
+                available: app.version_list(),
+            }),
+        }
+    }
+
+    /// Apps sorted by name, for listings.
+    pub fn sorted_apps(&self) -> Vec<&Arc<App>> {
+        let mut apps: Vec<_> = self.apps.values().collect();
+        apps.sort_by(|a, b| a.name.cmp(&b.name));
+        apps
+    }
+}
+
+/// The live set of apps under one APPS_DIR.
+pub struct Registry {
+    apps_dir: PathBuf,
+    current: ArcSwap<Snapshot>,
+}
+
+impl Registry {
+    /// An empty registry for `apps_dir`; call [`Registry::reload_all`] to fill it.
+    pub fn new(apps_dir: PathBuf) -> Registry {
+        Registry { apps_dir, current: ArcSwap::from_pointee(Snapshot::default()) }
+    }
+
+    /// A registry over a snapshot built in memory (benchmarks and tests of resolution).
+    pub fn from_snapshot(apps_dir: PathBuf, snapshot: Snapshot) -> Registry {
+        Registry { apps_dir, current: ArcSwap::from_pointee(snapshot) }
+    }
+
+    pub fn apps_dir(&self) -> &Path {
+        &self.apps_dir
+    }
+
+    /// The current snapshot. Cheap: one atomic load and a reference count.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Rescans the whole of APPS_DIR and swaps the result in.
+    pub fn reload_all(&self) -> std::io::Result<()> {
+        let snapshot = scan_apps_dir(&self.apps_dir)?;
+        log_problems(snapshot.apps.values().map(|a| a.as_ref()), &snapshot.ignored);
+        self.current.store(Arc::new(snapshot));
+        Ok(())
+    }
+
+    /// Rescans one app directory (added, changed or removed) and swaps in a snapshot with just that app changed.
+    ///
+    /// Only the watcher thread calls this, so two reloads never race to build from the same old snapshot.
+    pub fn reload_app(&self, name: &str) {
+        if !valid_app_name(name) {
+            return;
+        }
+        let app = scan::scan_app(&self.apps_dir, name);
+        let old = self.current.load();
+        let mut apps = old.apps.clone();
+        match app {
+            Some(app) => {
+                log_problems(std::iter::once(&app), &[]);
+                tracing::info!(app = name, versions = ?app.version_list(), "app reloaded");
+                apps.insert(name.into(), Arc::new(app));
+            }
+            None => {
+                if apps.remove(name).is_some() {
+                    tracing::info!(app = name, "app removed");
+                }
+            }
+        }
+        self.current.store(Arc::new(Snapshot { apps, ignored: old.ignored.clone() }));
+    }
+}
+
+fn log_problems<'a>(apps: impl Iterator<Item = &'a App>, ignored: &[String]) {
+    for reason in ignored {
+        tracing::warn!("{reason}");
+    }
+    for app in apps {
+        for reason in &app.ignored {
+            tracing::warn!(app = %app.name, "{reason}");
+        }
+        for version in &app.versions {
+            if let Err(error) = &version.deployment {
+                tracing::warn!(app = %app.name, version = %version.version, "invalid version: {error}");
+            }
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! Hot reload: watch APPS_DIR and rescan what changed.
+//!
+//! Filesystem events come in bursts (a copy is many writes), so they are debounced, then reduced to the set of
+//! app names they touch; each of those apps is rescanned once. Anything that cannot be pinned to one app (an
+//! event on APPS_DIR itself, a watcher error such as an overflowed event queue) rescans everything.
+
+use std::collections::BTreeSet;
+use std::path::{Component, Path};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecommendedWatcher, RecursiveMode};
+use notify_debouncer_mini::{new_debouncer, DebounceEventResult, Debouncer};
+
+use super::Registry;
+
+/// How long a burst of filesystem events must be quiet before the apps it touched are rescanned.
+pub const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// A running watch over APPS_DIR; dropping it stops the watch and its thread.
+pub struct Watcher {
+    _debouncer: Debouncer<RecommendedWatcher>,
+}
+
+impl Watcher {
+    /// Starts watching `registry`'s APPS_DIR. Reloads run on the watcher's own thread, off the request path.
+    pub fn start(registry: Arc<Registry>) -> Result<Watcher, notify::Error> {
+        let apps_dir = registry.apps_dir().to_path_buf();
+        let mut debouncer = new_debouncer(DEBOUNCE, move |result: DebounceEventResult| {
+            let changed = match result {
+                Ok(events) => changed_apps(registry.apps_dir(), events.iter().map(|e| e.path.as_path())),
+                Err(error) => {
+                    tracing::warn!(%error, "file watcher error; rescanning every app");
+                    None
+                }
+            };
+            match changed {
+                Some(names) => names.iter().for_each(|name| registry.reload_app(name)),
+                None => {
+                    if let Err(error) = registry.reload_all() {
+                        tracing::error!(%error, "cannot rescan the apps directory; keeping the apps loaded before");
+                    }
+                }
+            }
+        })?;
+        debouncer.watcher().watch(&apps_dir, RecursiveMode::Recursive)?;
+        Ok(Watcher { _debouncer: debouncer })
+    }
+}
+
+/// The app names touched by `paths`, or `None` when a path is APPS_DIR itself or lies outside it.
+fn changed_apps<'a>(apps_dir: &Path, paths: impl Iterator<Item = &'a Path>) -> Option<BTreeSet<String>> {
+    let mut names = BTreeSet::new();
+    for path in paths {
+        match path.strip_prefix(apps_dir).ok()?.components().next() {
+            Some(Component::Normal(name)) => names.insert(name.to_string_lossy().into_owned()),
+            _ => return None,
+        };
+    }
+    Some(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_reduced_to_the_apps_they_touch() {
+        let root = Path::new("/srv/apps");
+        let paths = [
+            Path::new("/srv/apps/hello/1.0.0/worker.config.json"),
+            Path::new("/srv/apps/hello/2.0.0"),
+            Path::new("/srv/apps/todo"),
+        ];
+        let names = changed_apps(root, paths.into_iter()).unwrap();
+        assert_eq!(names.into_iter().collect::<Vec<_>>(), ["hello", "todo"]);
+    }
+
+    #[test]
+    fn an_event_on_the_apps_dir_itself_rescans_everything() {
+        let root = Path::new("/srv/apps");
+        assert_eq!(changed_apps(root, [Path::new("/srv/apps")].into_iter()), None);
+        assert_eq!(changed_apps(root, [Path::new("/elsewhere/x")].into_iter()), None);
+    }
+}

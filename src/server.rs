@@ -1,0 +1,161 @@
+//! The front server: the router, and the accept loop that serves it over HTTP/1.1 and HTTP/2 on one port.
+//!
+//! `run` takes a bound listener and a shutdown future (mini-redis's shape), so tests bind `127.0.0.1:0` and drive
+//! the same code the binary runs. The accept loop is hyper-util's auto connection (HTTP/1.1, or HTTP/2 when the
+//! client opens with the HTTP/2 preface) rather than `axum::serve`, because a host needs the knobs that one
+//! hides: connection limit, header size and read-timeout limits, and a bounded graceful drain.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::Request;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::error::Error;
+use crate::lifecycle::Lifecycle;
+use crate::registry::{Registry, Watcher};
+use crate::{access_log, dispatch, internal};
+
+/// Open connections beyond this wait in the kernel's accept queue until one closes.
+pub const MAX_CONNECTIONS: usize = 10_000;
+/// Request line and headers together may not exceed this (HTTP/1.1 answers 431, HTTP/2 resets the stream).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// A client has this long to send a request's headers; slower ones are disconnected.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
+/// Concurrent streams one HTTP/2 connection may open.
+pub const MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Request targets longer than this answer 414: no app needs more, and every log line carries the path.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+/// After a failed `accept` (e.g. out of file descriptors), wait this long before the next, instead of spinning.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// What every handler shares: cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub registry: Arc<Registry>,
+    pub lifecycle: Arc<Lifecycle>,
+}
+
+/// The whole HTTP surface: internal routes under `/_/`, and every other path dispatched to an app.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(internal::routes())
+        .fallback(dispatch::handle)
+        .layer(middleware::from_fn(reject_long_uri))
+        .layer(middleware::from_fn(access_log::log))
+        .with_state(state)
+}
+
+async fn reject_long_uri(request: Request, next: Next) -> Response {
+    let len = request.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+    if len > MAX_URI_BYTES {
+        return Error::UriTooLong { len, limit: MAX_URI_BYTES }.into_response();
+    }
+    next.run(request).await
+}
+
+/// Serves `state` on `listener` until `shutdown` resolves, then drains: readiness turns 503, the listener closes,
+/// in-flight requests finish, and connections still open after `drain_timeout` are dropped.
+pub async fn run(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()>,
+    drain_timeout: Duration,
+) -> std::io::Result<()> {
+    let app = router(state.clone());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+    let graceful = GracefulShutdown::new();
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    tokio::pin!(shutdown);
+
+    loop {
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+
+    state.lifecycle.set_draining();
+    drop(listener);
+    let open = graceful.count();
+    tracing::info!(open_connections = open, "draining: no new connections, waiting for in-flight requests");
+    match tokio::time::timeout(drain_timeout, graceful.shutdown()).await {
+        Ok(()) => tracing::info!("drained; every connection closed"),
+        Err(_) => tracing::warn!(?drain_timeout, "shutdown timeout reached; dropping the connections still open"),
+    }
+    Ok(())
+}
+
+/// Serves the apps in `apps_dir` on `listener` until `shutdown` resolves.
+///
+/// The listener is already bound, so the port answers at once: `/_/health` is 200 and `/_/ready` is 503 until the
+/// first scan of APPS_DIR is done. The watcher starts before that scan, so nothing changed meanwhile is missed.
+pub async fn serve(
+    listener: TcpListener,
+    apps_dir: std::path::PathBuf,
+    shutdown: impl Future<Output = ()>,
+    drain_timeout: Duration,
+) -> std::io::Result<()> {
+    let state = AppState { registry: Arc::new(Registry::new(apps_dir)), lifecycle: Arc::new(Lifecycle::default()) };
+    let loader = {
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || {
+            let watcher = Watcher::start(state.registry.clone())
+                .map_err(|error| tracing::warn!(%error, "cannot watch the apps directory; hot reload is off"))
+                .ok();
+            match state.registry.reload_all() {
+                Ok(()) => {
+                    let apps = state.registry.snapshot().apps.len();
+                    tracing::info!(apps, "apps loaded; ready");
+                }
+                Err(error) => tracing::error!(%error, "cannot read the apps directory; serving no apps"),
+            }
+            state.lifecycle.set_ready();
+            watcher
+        })
+    };
+    let result = run(listener, state, shutdown, drain_timeout).await;
+    // Dropping the watcher stops hot reload; the loader has long finished unless the scan is still running.
+    drop(loader.await);
+    result
+}
