@@ -266,12 +266,16 @@ impl WorkerConfig {
     pub fn parse(bytes: &[u8]) -> Result<WorkerConfig, ConfigError> {
         let mut de = serde_json::Deserializer::from_slice(bytes);
         let config: WorkerConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-            let path = e.path().to_string();
-            // serde_json names the line and column; the path names the field.
-            if path == "." {
-                ConfigError { message: e.into_inner().to_string() }
-            } else {
-                ConfigError::at(&path, e.into_inner())
+            // serde_json names the line and column; the path names the field. For an unknown field the path
+            // ends with that field, which the message names already, so the object holding it is reported.
+            let mut path = e.path().to_string();
+            let inner = e.into_inner();
+            if inner.to_string().starts_with("unknown field") {
+                path = path.rsplit_once('.').map(|(parent, _)| parent.to_owned()).unwrap_or_default();
+            }
+            match path.as_str() {
+                "" | "." | "?" => ConfigError { message: inner.to_string() },
+                _ => ConfigError::at(&path, inner),
             }
         })?;
         de.end().map_err(|e| ConfigError { message: e.to_string() })?;

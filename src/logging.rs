@@ -1,5 +1,7 @@
 //! Log output: human-readable by default, one JSON object per line for log collectors.
 
+use std::io::IsTerminal;
+
 use clap::ValueEnum;
 use tracing_subscriber::EnvFilter;
 
@@ -17,7 +19,9 @@ pub fn parse_filter(level: &str) -> Result<EnvFilter, String> {
 
 /// Installs the global subscriber. Logs go to stderr; stdout is left for what a command prints.
 pub fn init(format: LogFormat, filter: EnvFilter) {
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour codes only where a person is looking; a file or a pipe gets plain text.
+    let ansi = std::io::stderr().is_terminal();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     let result = match format {
         LogFormat::Pretty => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),

@@ -1,0 +1,215 @@
+//! Shared test harness: a temporary APPS_DIR, the real server on 127.0.0.1:0, and raw HTTP for requests that a
+//! well-behaved client library would refuse to send (it would normalise `..` away).
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A temporary apps directory that tests fill with files.
+pub struct AppsDir {
+    dir: tempfile::TempDir,
+}
+
+impl AppsDir {
+    pub fn new() -> AppsDir {
+        AppsDir { dir: tempfile::tempdir().expect("a temporary directory") }
+    }
+
+    /// The canonical path, as the server will see it.
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().canonicalize().unwrap()
+    }
+
+    /// Writes `text` at `relative` (e.g. `hello/1.0.0/index.html`), creating directories on the way.
+    pub fn write(&self, relative: &str, text: impl AsRef<[u8]>) -> PathBuf {
+        let path = self.dir.path().join(relative);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// A static app version whose index page says which version it is.
+    pub fn static_version(&self, app: &str, version: &str) {
+        self.write(&format!("{app}/{version}/index.html"), format!("<h1>{app} {version}</h1>"));
+    }
+}
+
+/// The real server, in this process, on an ephemeral port; stopped (gracefully) on drop.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestServer {
+    pub async fn start(apps_dir: &Path) -> TestServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let shutdown = async move {
+            let _ = rx.await;
+        };
+        let task = tokio::spawn(marina::server::serve(
+            listener,
+            apps_dir.to_path_buf(),
+            shutdown,
+            Duration::from_secs(5),
+        ));
+        let server = TestServer { addr, shutdown: Some(tx), task: Some(task) };
+        server.wait_ready().await;
+        server
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(response) = client().get(self.url("/_/ready")).send().await {
+                if response.status() == 200 {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "the server did not become ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Signals shutdown and waits for the server to finish draining.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// An HTTP/1.1 client that does not follow redirects, so tests see them.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
+}
+
+/// A response read off a raw socket.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.trim().eq_ignore_ascii_case(name).then(|| value.trim())
+        })
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends a GET for `target` exactly as given (no normalisation) and reads the whole response.
+pub async fn raw_get(addr: SocketAddr, target: &str) -> RawResponse {
+    raw_request(addr, &format!("GET {target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")).await
+}
+
+/// Sends raw bytes and reads until the server closes the connection.
+pub async fn raw_request(addr: SocketAddr, request: &str) -> RawResponse {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut bytes = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut bytes))
+        .await
+        .expect("the server answers and closes within 10 s")
+        .unwrap();
+    let split = bytes.windows(4).position(|w| w == b"\r\n\r\n").expect("a complete response head");
+    let head = String::from_utf8_lossy(&bytes[..split]).into_owned();
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("a status code");
+    RawResponse { status, head, body: bytes[split + 4..].to_vec() }
+}
+
+/// The `marina` binary as a child process, killed on drop if it is still running.
+pub struct MarinaProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub log: std::sync::mpsc::Receiver<String>,
+}
+
+impl MarinaProcess {
+    /// Starts `marina serve` with JSON logs on port 0 and reads the address it reports.
+    pub fn serve(apps_dir: &Path, extra: &[&str]) -> MarinaProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_marina"))
+            .args(["serve", "--port", "0", "--log-format", "json", "--apps-dir"])
+            .arg(apps_dir)
+            .args(extra)
+            .env_remove("PORT")
+            .env_remove("HOST")
+            .env_remove("APPS_DIR")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, log) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let addr = loop {
+            let line = log.recv_timeout(Duration::from_secs(20)).expect("marina reports its address");
+            let entry: serde_json::Value = serde_json::from_str(&line).expect("every log line is JSON");
+            if let Some(addr) = entry["message"].as_str().and_then(|m| m.strip_prefix("listening on http://")) {
+                break addr.parse().unwrap();
+            }
+        };
+        MarinaProcess { child, addr, log }
+    }
+
+    pub fn terminate(&self) {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits up to `limit` for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for MarinaProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
