@@ -29,7 +29,11 @@ pub const MAX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3600);
 const EXIT_USAGE: u8 = 2;
 
 #[derive(Debug, Parser)]
-#[command(name = "marina", version, about = "Hosts versioned WebAssembly and static apps from a directory.")]
+#[command(
+    name = "marina",
+    version,
+    about = "Hosts versioned WebAssembly and static apps from a directory."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -75,7 +79,10 @@ pub struct ServeArgs {
 }
 
 fn parse_pool_size(text: &str) -> Result<usize, String> {
-    let size: usize = text.trim().parse().map_err(|_| format!("{text:?} is not a whole number"))?;
+    let size: usize = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a whole number"))?;
     if !(1..=MAX_POOL_SIZE).contains(&size) {
         return Err(format!("must be between 1 and {MAX_POOL_SIZE}"));
     }
@@ -89,7 +96,10 @@ fn parse_shutdown_timeout(text: &str) -> Result<Duration, String> {
         Err(_) => humantime::parse_duration(text).map_err(|e| format!("{text:?} is not a duration: {e}"))?,
     };
     if duration > MAX_SHUTDOWN_TIMEOUT {
-        return Err(format!("must be at most {}", humantime::format_duration(MAX_SHUTDOWN_TIMEOUT)));
+        return Err(format!(
+            "must be at most {}",
+            humantime::format_duration(MAX_SHUTDOWN_TIMEOUT)
+        ));
     }
     Ok(duration)
 }
@@ -127,7 +137,9 @@ impl ServeArgs {
 }
 
 fn canonical_dir(dir: &std::path::Path, flag: &str) -> Result<PathBuf, String> {
-    let canonical = dir.canonicalize().map_err(|e| format!("{flag} {}: {e}", dir.display()))?;
+    let canonical = dir
+        .canonicalize()
+        .map_err(|e| format!("{flag} {}: {e}", dir.display()))?;
     if !canonical.is_dir() {
         return Err(format!("{flag} {}: not a directory", dir.display()));
     }

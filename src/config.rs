@@ -149,8 +149,21 @@ struct KeyedRule {
 
 impl KeyedRule {
     fn with_pattern(self, pattern: String) -> ProxyRule {
-        let KeyedRule { target, rewrite, change_origin, secure, headers } = self;
-        ProxyRule { pattern, target, rewrite, change_origin, secure, headers }
+        let KeyedRule {
+            target,
+            rewrite,
+            change_origin,
+            secure,
+            headers,
+        } = self;
+        ProxyRule {
+            pattern,
+            target,
+            rewrite,
+            change_origin,
+            secure,
+            headers,
+        }
     }
 }
 
@@ -236,7 +249,9 @@ pub struct ConfigError {
 
 impl ConfigError {
     fn at(field: &str, message: impl fmt::Display) -> Self {
-        ConfigError { message: format!("field `{field}`: {message}") }
+        ConfigError {
+            message: format!("field `{field}`: {message}"),
+        }
     }
 }
 
@@ -247,18 +262,28 @@ impl WorkerConfig {
         let meta = match std::fs::metadata(&path) {
             Ok(meta) => meta,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(WorkerConfig::default()),
-            Err(e) => return Err(ConfigError { message: format!("cannot read {CONFIG_FILE}: {e}") }),
+            Err(e) => {
+                return Err(ConfigError {
+                    message: format!("cannot read {CONFIG_FILE}: {e}"),
+                })
+            }
         };
         if !meta.is_file() {
-            return Err(ConfigError { message: format!("{CONFIG_FILE} is not a regular file") });
+            return Err(ConfigError {
+                message: format!("{CONFIG_FILE} is not a regular file"),
+            });
         }
         if meta.len() > MAX_CONFIG_BYTES {
             return Err(ConfigError {
-                message: format!("{CONFIG_FILE} is {} bytes, over the {MAX_CONFIG_BYTES}-byte limit", meta.len()),
+                message: format!(
+                    "{CONFIG_FILE} is {} bytes, over the {MAX_CONFIG_BYTES}-byte limit",
+                    meta.len()
+                ),
             });
         }
-        let bytes = std::fs::read(&path)
-            .map_err(|e| ConfigError { message: format!("cannot read {CONFIG_FILE}: {e}") })?;
+        let bytes = std::fs::read(&path).map_err(|e| ConfigError {
+            message: format!("cannot read {CONFIG_FILE}: {e}"),
+        })?;
         WorkerConfig::parse(&bytes)
     }
 
@@ -271,10 +296,15 @@ impl WorkerConfig {
             let mut path = e.path().to_string();
             let inner = e.into_inner();
             if inner.to_string().starts_with("unknown field") {
-                path = path.rsplit_once('.').map(|(parent, _)| parent.to_owned()).unwrap_or_default();
+                path = path
+                    .rsplit_once('.')
+                    .map(|(parent, _)| parent.to_owned())
+                    .unwrap_or_default();
             }
             match path.as_str() {
-                "" | "." | "?" => ConfigError { message: inner.to_string() },
+                "" | "." | "?" => ConfigError {
+                    message: inner.to_string(),
+                },
                 _ => ConfigError::at(&path, inner),
             }
         })?;
@@ -296,11 +326,17 @@ impl WorkerConfig {
         for (i, rule) in self.proxy.0.iter().enumerate() {
             let field = format!("proxy[{i}]");
             if let Err(e) = regex::Regex::new(&rule.pattern) {
-                return Err(ConfigError::at(&field, format!("pattern {:?} is not a valid regex: {e}", rule.pattern)));
+                return Err(ConfigError::at(
+                    &field,
+                    format!("pattern {:?} is not a valid regex: {e}", rule.pattern),
+                ));
             }
             for (name, value) in &rule.headers {
                 if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                    return Err(ConfigError::at(&format!("{field}.headers"), format!("{name:?} is not a header name")));
+                    return Err(ConfigError::at(
+                        &format!("{field}.headers"),
+                        format!("{name:?} is not a header name"),
+                    ));
                 }
                 if http::HeaderValue::from_str(value).is_err() {
                     return Err(ConfigError::at(
@@ -344,7 +380,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.entrypoint.as_deref(), Some("dist/app.wasm"));
-        assert_eq!((config.timeout, config.ttl, config.idle_timeout, config.max_requests), (5, 60, 0, 0));
+        assert_eq!(
+            (config.timeout, config.ttl, config.idle_timeout, config.max_requests),
+            (5, 60, 0, 0)
+        );
         assert!(config.low_memory);
         assert_eq!(config.env["MODE"], "prod");
         let rule = &config.proxy.0[0];
@@ -403,7 +442,10 @@ mod tests {
     #[test]
     fn an_invalid_regex_names_the_rule() {
         let message = error_of(r#"{"proxy": {"^/(a": {"target": "http://x"}}}"#);
-        assert!(message.starts_with("field `proxy[0]`: pattern \"^/(a\" is not a valid regex"), "{message}");
+        assert!(
+            message.starts_with("field `proxy[0]`: pattern \"^/(a\" is not a valid regex"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -430,8 +472,10 @@ mod tests {
 
     #[test]
     fn invalid_header_names_and_env_names_are_rejected() {
-        assert!(error_of(r#"{"proxy": [{"pattern": "a", "target": "http://x", "headers": {"bad name": "v"}}]}"#)
-            .contains("is not a header name"));
+        assert!(
+            error_of(r#"{"proxy": [{"pattern": "a", "target": "http://x", "headers": {"bad name": "v"}}]}"#)
+                .contains("is not a header name")
+        );
         assert!(error_of(r#"{"env": {"A=B": "v"}}"#).contains("not a valid variable name"));
     }
 

@@ -37,9 +37,14 @@ pub async fn handle(State(state): State<AppState>, request: Request) -> Response
         Ok(resolved) => resolved,
         Err(error) => return error.into_response(),
     };
-    let served = Served { app: resolved.app.name.clone(), version: resolved.version.version.to_string() };
+    let served = Served {
+        app: resolved.app.name.clone(),
+        version: resolved.version.version.to_string(),
+    };
     let (segment, rest) = (segment.to_owned(), rest.to_owned());
-    let mut response = serve(&resolved, &segment, &rest, request).await.unwrap_or_else(IntoResponse::into_response);
+    let mut response = serve(&resolved, &segment, &rest, request)
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
     response.extensions_mut().insert(served);
     response
 }
@@ -52,7 +57,12 @@ async fn serve(resolved: &Resolved, segment: &str, rest: &str, request: Request)
         reason: reason.clone(),
     })?;
     if rest == "/health" {
-        return Ok((StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], "OK").into_response());
+        return Ok((
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "OK",
+        )
+            .into_response());
     }
     match deployment.kind {
         AppKind::Static => {
@@ -139,7 +149,10 @@ mod tests {
 
     #[test]
     fn a_client_cannot_forge_the_mount_prefix() {
-        let request = http::Request::get("/hello@1/x").header(BASE_HEADER, "/evil").body(()).unwrap();
+        let request = http::Request::get("/hello@1/x")
+            .header(BASE_HEADER, "/evil")
+            .body(())
+            .unwrap();
         assert_eq!(app_request(request).headers()[BASE_HEADER], "/hello@1");
     }
 }

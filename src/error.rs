@@ -18,7 +18,11 @@ pub enum Error {
 
     /// The app exists but no version matches the spec.
     #[error("no version of {app:?} matches {}", spec.as_deref().unwrap_or("(latest)"))]
-    VersionNotFound { app: String, spec: Option<String>, available: Vec<String> },
+    VersionNotFound {
+        app: String,
+        spec: Option<String>,
+        available: Vec<String>,
+    },
 
     /// The text after `@` is not a version or a semver range.
     #[error("{0}")]
@@ -26,7 +30,11 @@ pub enum Error {
 
     /// The resolved version's config or entrypoint is invalid.
     #[error("{app}@{version} cannot be served: {reason}")]
-    InvalidVersion { app: String, version: String, reason: String },
+    InvalidVersion {
+        app: String,
+        version: String,
+        reason: String,
+    },
 
     /// The resolved version is a WebAssembly component, and this build has no worker pool yet.
     #[error("{app}@{version} is a WebAssembly app, and WASM workers are not available in this build")]

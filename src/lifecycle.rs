@@ -25,7 +25,9 @@ pub struct Lifecycle {
 
 impl Default for Lifecycle {
     fn default() -> Self {
-        Lifecycle { phase: AtomicU8::new(Phase::Loading as u8) }
+        Lifecycle {
+            phase: AtomicU8::new(Phase::Loading as u8),
+        }
     }
 }
 

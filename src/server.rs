@@ -58,7 +58,11 @@ pub fn router(state: AppState) -> Router {
 async fn reject_long_uri(request: Request, next: Next) -> Response {
     let len = request.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
     if len > MAX_URI_BYTES {
-        return Error::UriTooLong { len, limit: MAX_URI_BYTES }.into_response();
+        return Error::UriTooLong {
+            len,
+            limit: MAX_URI_BYTES,
+        }
+        .into_response();
     }
     next.run(request).await
 }
@@ -105,7 +109,9 @@ pub async fn run(
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(app.clone());
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(error) = connection.await {
@@ -118,10 +124,16 @@ pub async fn run(
     state.lifecycle.set_draining();
     drop(listener);
     let open = graceful.count();
-    tracing::info!(open_connections = open, "draining: no new connections, waiting for in-flight requests");
+    tracing::info!(
+        open_connections = open,
+        "draining: no new connections, waiting for in-flight requests"
+    );
     match tokio::time::timeout(drain_timeout, graceful.shutdown()).await {
         Ok(()) => tracing::info!("drained; every connection closed"),
-        Err(_) => tracing::warn!(?drain_timeout, "shutdown timeout reached; dropping the connections still open"),
+        Err(_) => tracing::warn!(
+            ?drain_timeout,
+            "shutdown timeout reached; dropping the connections still open"
+        ),
     }
     Ok(())
 }
@@ -136,7 +148,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     drain_timeout: Duration,
 ) -> std::io::Result<()> {
-    let state = AppState { registry: Arc::new(Registry::new(apps_dir)), lifecycle: Arc::new(Lifecycle::default()) };
+    let state = AppState {
+        registry: Arc::new(Registry::new(apps_dir)),
+        lifecycle: Arc::new(Lifecycle::default()),
+    };
     let loader = {
         let state = state.clone();
         tokio::task::spawn_blocking(move || {
@@ -148,7 +163,9 @@ pub async fn serve(
                     let apps = state.registry.snapshot().apps.len();
                     tracing::info!(apps, "apps loaded; ready");
                 }
-                Err(error) => tracing::error!(%error, "cannot read the apps directory; serving no apps"),
+                Err(error) => {
+                    tracing::error!(%error, "cannot read the apps directory; serving no apps")
+                }
             }
             state.lifecycle.set_ready();
             watcher

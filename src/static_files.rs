@@ -28,7 +28,12 @@ const PUBLIC_DOT_DIR: &str = ".well-known";
 const CACHE_CONTROL: &str = "no-cache";
 
 /// Serves `path` (the request path after the app's mount prefix, still percent-encoded) from a static app.
-pub async fn serve(deployment: &Deployment, path: &str, method: &Method, headers: &HeaderMap) -> Result<Response, Error> {
+pub async fn serve(
+    deployment: &Deployment,
+    path: &str,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<Response, Error> {
     if method != Method::GET && method != Method::HEAD {
         return Err(Error::MethodNotAllowed(method.to_string()));
     }
@@ -38,15 +43,20 @@ pub async fn serve(deployment: &Deployment, path: &str, method: &Method, headers
     let requested = segments.iter().fold(root.clone(), |dir, segment| dir.join(segment));
 
     let file = match confined(root, &requested).await {
-        Some((real, meta)) if meta.is_dir() => {
+        Found::Inside(real, meta) if meta.is_dir() => {
             if !path.ends_with('/') {
                 // Relative links in the directory's index only work under a trailing slash.
                 let last = segments.last().map(String::as_str).unwrap_or_default();
                 return Ok(redirect_to(&format!("{}/", encode_segment(last))));
             }
-            confined(root, &real.join("index.html")).await.filter(|(_, meta)| meta.is_file()).map(|(p, _)| p)
+            match confined(root, &real.join("index.html")).await {
+                Found::Inside(index, meta) if meta.is_file() => Some(index),
+                _ => None,
+            }
         }
-        Some((real, meta)) if meta.is_file() => Some(real),
+        Found::Inside(real, meta) if meta.is_file() => Some(real),
+        // A symlink out of the directory is an escape, not a route: no fallback for it.
+        Found::Outside => return Err(not_found()),
         _ => None,
     };
     let file = match file {
@@ -59,13 +69,18 @@ pub async fn serve(deployment: &Deployment, path: &str, method: &Method, headers
     respond(root, &file, method, headers).await
 }
 
-/// Splits the path into decoded segments; `None` if any segment could escape the directory or is hidden.
+/// Splits the path into decoded segments; `None` if any segment could escape the directory or is hidden, or the
+/// path holds an empty segment (`//etc/passwd` is an absolute path in disguise, not a route).
 fn decode_segments(path: &str) -> Option<Vec<String>> {
+    let inner = path.strip_prefix('/').unwrap_or(path);
+    let inner = inner.strip_suffix('/').unwrap_or(inner);
     let mut segments = Vec::new();
-    for raw in path.split('/') {
+    for raw in inner.split('/') {
         let segment = percent_decode_str(raw).decode_utf8().ok()?;
         match segment.as_ref() {
-            "" | "." => continue,
+            "" if inner.is_empty() => continue,
+            "" => return None,
+            "." => continue,
             ".." => return None,
             s if s.contains(['/', '\\', '\0']) => return None,
             s if s.starts_with('.') && s != PUBLIC_DOT_DIR => return None,
@@ -75,14 +90,26 @@ fn decode_segments(path: &str) -> Option<Vec<String>> {
     Some(segments)
 }
 
-/// The real path of `path`, with its metadata, if it exists and, after following symlinks, is still inside `root`.
-async fn confined(root: &Path, path: &Path) -> Option<(PathBuf, std::fs::Metadata)> {
-    let real = tokio::fs::canonicalize(path).await.ok()?;
+/// What a path is once symlinks are followed.
+enum Found {
+    /// It exists inside the root: its real path and metadata.
+    Inside(PathBuf, std::fs::Metadata),
+    /// It exists, but outside the root.
+    Outside,
+    Missing,
+}
+
+async fn confined(root: &Path, path: &Path) -> Found {
+    let Ok(real) = tokio::fs::canonicalize(path).await else {
+        return Found::Missing;
+    };
     if !real.starts_with(root) {
-        return None;
+        return Found::Outside;
     }
-    let meta = tokio::fs::metadata(&real).await.ok()?;
-    Some((real, meta))
+    match tokio::fs::metadata(&real).await {
+        Ok(meta) => Found::Inside(real, meta),
+        Err(_) => Found::Missing,
+    }
 }
 
 /// The version's own config sits beside the files when the entrypoint is at the top of the version directory;
@@ -114,7 +141,11 @@ struct Representation {
 
 impl Representation {
     fn etag(&self) -> String {
-        let nanos = self.modified.duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let nanos = self
+            .modified
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
         match self.encoding {
             Some(encoding) => format!("\"{:x}-{nanos:x}-{encoding}\"", self.len),
             None => format!("\"{:x}-{nanos:x}\"", self.len),
@@ -151,12 +182,16 @@ async fn respond(root: &Path, file: &Path, method: &Method, headers: &HeaderMap)
         Some((start, end)) => {
             *response.status_mut() = StatusCode::PARTIAL_CONTENT;
             let range = format!("bytes {start}-{end}/{}", chosen.len);
-            response.headers_mut().insert(header::CONTENT_RANGE, header_value(&range));
+            response
+                .headers_mut()
+                .insert(header::CONTENT_RANGE, header_value(&range));
             (start, end - start + 1)
         }
         None => (0, chosen.len),
     };
-    response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     if method == Method::HEAD {
         return Ok(response);
     }
@@ -185,20 +220,37 @@ async fn choose_representation(root: &Path, file: &Path, headers: &HeaderMap) ->
         let mut name = file.as_os_str().to_owned();
         name.push(".");
         name.push(suffix);
-        let Some((sibling, meta)) = confined(root, Path::new(&name)).await else { continue };
+        let Found::Inside(sibling, meta) = confined(root, Path::new(&name)).await else {
+            continue;
+        };
         if !meta.is_file() {
             continue;
         }
         has_variants = true;
         if accepts_encoding(headers, encoding) {
             let modified = meta.modified().unwrap_or(UNIX_EPOCH);
-            let chosen = Representation { path: sibling, encoding: Some(encoding), len: meta.len(), modified };
+            let chosen = Representation {
+                path: sibling,
+                encoding: Some(encoding),
+                len: meta.len(),
+                modified,
+            };
             return Ok((chosen, true));
         }
     }
-    let meta = tokio::fs::metadata(file).await.map_err(|e| Error::Internal(format!("{}: {e}", file.display())))?;
+    let meta = tokio::fs::metadata(file)
+        .await
+        .map_err(|e| Error::Internal(format!("{}: {e}", file.display())))?;
     let modified = meta.modified().unwrap_or(UNIX_EPOCH);
-    Ok((Representation { path: file.to_path_buf(), encoding: None, len: meta.len(), modified }, has_variants))
+    Ok((
+        Representation {
+            path: file.to_path_buf(),
+            encoding: None,
+            len: meta.len(),
+            modified,
+        },
+        has_variants,
+    ))
 }
 
 /// Whether `Accept-Encoding` admits `coding` with a non-zero quality (directly or through `*`).
@@ -227,11 +279,20 @@ fn accepts_encoding(headers: &HeaderMap, coding: &str) -> bool {
 /// RFC 9110 §13.2.2: `If-None-Match` decides when present (weak comparison); otherwise `If-Modified-Since`.
 fn not_modified(headers: &HeaderMap, etag: &str, modified: SystemTime) -> bool {
     if let Some(value) = headers.get(header::IF_NONE_MATCH) {
-        let Ok(value) = value.to_str() else { return false };
-        return value.split(',').map(str::trim).any(|tag| tag == "*" || weak_eq(tag, etag));
+        let Ok(value) = value.to_str() else {
+            return false;
+        };
+        return value
+            .split(',')
+            .map(str::trim)
+            .any(|tag| tag == "*" || weak_eq(tag, etag));
     }
-    let Some(since) = headers.get(header::IF_MODIFIED_SINCE).and_then(|v| v.to_str().ok()) else { return false };
-    let Ok(since) = httpdate::parse_http_date(since) else { return false };
+    let Some(since) = headers.get(header::IF_MODIFIED_SINCE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let Ok(since) = httpdate::parse_http_date(since) else {
+        return false;
+    };
     // HTTP dates have whole seconds; the file's time is finer.
     let modified_secs = modified.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let since_secs = since.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -246,16 +307,29 @@ fn weak_eq(a: &str, b: &str) -> bool {
 ///
 /// A malformed `Range`, several ranges, or a stale `If-Range` get the whole file (RFC 9110 lets a server ignore
 /// `Range`); a range that starts past the end is 416.
-fn requested_range(headers: &HeaderMap, etag: &str, last_modified: &str, len: u64) -> Result<Option<(u64, u64)>, Error> {
-    let Some(range) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else { return Ok(None) };
+fn requested_range(
+    headers: &HeaderMap,
+    etag: &str,
+    last_modified: &str,
+    len: u64,
+) -> Result<Option<(u64, u64)>, Error> {
+    let Some(range) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+        return Ok(None);
+    };
     if let Some(if_range) = headers.get(header::IF_RANGE).and_then(|v| v.to_str().ok()) {
         // A strong validator is required: an entity tag compared strongly, or the exact date.
-        let current = if if_range.starts_with('"') { if_range == etag } else { if_range == last_modified };
+        let current = if if_range.starts_with('"') {
+            if_range == etag
+        } else {
+            if_range == last_modified
+        };
         if !current {
             return Ok(None);
         }
     }
-    let Ok(parsed) = http_range_header::parse_range_header(range) else { return Ok(None) };
+    let Ok(parsed) = http_range_header::parse_range_header(range) else {
+        return Ok(None);
+    };
     match parsed.validate(len) {
         Ok(ranges) if ranges.len() == 1 => Ok(Some((*ranges[0].start(), *ranges[0].end()))),
         Ok(_) => Ok(None),
@@ -270,9 +344,21 @@ mod tests {
     #[test]
     fn segments_are_decoded_one_by_one_and_escapes_are_refused() {
         assert_eq!(decode_segments("/a/b%20c/./d/").unwrap(), ["a", "b c", "d"]);
+        assert_eq!(decode_segments("/").unwrap(), Vec::<String>::new());
         assert_eq!(decode_segments("/.well-known/x").unwrap(), [".well-known", "x"]);
-        for hostile in ["/../x", "/a/%2e%2e/x", "/a/%2E%2E", "/..%2fx", "/a%2f..%2f..", "/a%5c..%5cb", "/a%00", "/.env", "/%ff"]
-        {
+        for hostile in [
+            "//etc/passwd",
+            "/a//b",
+            "/../x",
+            "/a/%2e%2e/x",
+            "/a/%2E%2E",
+            "/..%2fx",
+            "/a%2f..%2f..",
+            "/a%5c..%5cb",
+            "/a%00",
+            "/.env",
+            "/%ff",
+        ] {
             assert_eq!(decode_segments(hostile), None, "{hostile}");
         }
     }

@@ -56,7 +56,10 @@ async fn a_spec_with_no_match_is_404_naming_the_app_and_its_versions() {
     assert_eq!(body["code"], "version_not_found");
     assert_eq!(body["app"], "hello");
     assert_eq!(body["spec"], "3");
-    assert_eq!(body["available"], serde_json::json!(["2.1.0-rc.1", "2.0.0", "1.10.0", "1.2.5", "1.2.0", "1.0.0"]));
+    assert_eq!(
+        body["available"],
+        serde_json::json!(["2.1.0-rc.1", "2.0.0", "1.10.0", "1.2.5", "1.2.0", "1.0.0"])
+    );
 }
 
 #[tokio::test]
@@ -72,7 +75,13 @@ async fn an_unknown_app_is_404_and_a_malformed_spec_is_400() {
         assert_eq!(response.status(), 400, "{path}");
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["code"], "bad_version_spec", "{path}");
-        assert!(body["error"].as_str().unwrap().contains("is not a version or a semver range"), "{path}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("is not a version or a semver range"),
+            "{path}"
+        );
     }
 }
 
@@ -108,8 +117,14 @@ async fn an_invalid_config_answers_503_with_its_error_while_other_apps_keep_work
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["code"], "invalid_version");
     let error = body["error"].as_str().unwrap();
-    assert!(error.contains("broken/1.0.0: worker.config.json: unknown field `maxRequest`"), "{error}");
-    assert!(error.contains("maxRequests"), "the message lists the expected fields: {error}");
+    assert!(
+        error.contains("broken/1.0.0: worker.config.json: unknown field `maxRequest`"),
+        "{error}"
+    );
+    assert!(
+        error.contains("maxRequests"),
+        "the message lists the expected fields: {error}"
+    );
 
     assert_eq!(body_of(&server, "/hello@1.0.0/").await.0, 200);
 }
@@ -123,22 +138,40 @@ async fn a_wasm_entrypoint_answers_503_until_workers_are_available() {
     assert_eq!(response.status(), 503);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["code"], "workers_unavailable");
-    assert!(body["error"].as_str().unwrap().contains("WASM workers are not available"));
+    assert!(body["error"]
+        .as_str()
+        .unwrap()
+        .contains("WASM workers are not available"));
 }
 
 #[tokio::test]
 async fn deployments_lists_apps_versions_kinds_configs_and_errors() {
     let apps = versioned_apps();
     apps.write("svc/1.0.0/app.wasm", b"\0asm");
-    apps.write("svc/1.0.0/worker.config.json", r#"{"ttl": 60, "env": {"API_KEY": "hunter2"}}"#);
+    apps.write(
+        "svc/1.0.0/worker.config.json",
+        r#"{"ttl": 60, "env": {"API_KEY": "hunter2"}}"#,
+    );
     apps.write("svc/0.9.0/index.wasm", b"\0asm");
     apps.write("svc/0.9.0/worker.config.json", "{not json");
     apps.write("svc/notes/readme.txt", "");
     apps.write("_private/1.0.0/index.html", "");
     let server = TestServer::start(&apps.path()).await;
 
-    let body: Value = client().get(server.url("/_/deployments")).send().await.unwrap().json().await.unwrap();
-    let names: Vec<_> = body["apps"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
+    let body: Value = client()
+        .get(server.url("/_/deployments"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<_> = body["apps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["beta", "hello", "svc"]);
     let svc = &body["apps"][2];
     let good = &svc["versions"][0];
@@ -147,12 +180,21 @@ async fn deployments_lists_apps_versions_kinds_configs_and_errors() {
     assert_eq!(good["entrypoint"], "app.wasm");
     assert_eq!(good["config"]["ttl"], 60);
     assert_eq!(good["config"]["timeout"], 30, "defaults are filled in");
-    assert_eq!(good["config"]["env"]["API_KEY"], "<redacted>", "env values are never listed");
+    assert_eq!(
+        good["config"]["env"]["API_KEY"], "<redacted>",
+        "env values are never listed"
+    );
     assert_eq!(good["error"], Value::Null);
     let bad = &svc["versions"][1];
     let error = bad["error"].as_str().unwrap();
-    assert_eq!(error, "svc/0.9.0: worker.config.json: key must be a string at line 1 column 2");
-    assert_eq!(svc["ignored"][0], "svc/notes: not a semver version (like 1.2.3 or v1.2.3), ignored");
+    assert_eq!(
+        error,
+        "svc/0.9.0: worker.config.json: key must be a string at line 1 column 2"
+    );
+    assert_eq!(
+        svc["ignored"][0],
+        "svc/notes: not a semver version (like 1.2.3 or v1.2.3), ignored"
+    );
     assert!(body["ignored"][0].as_str().unwrap().contains("reserved"));
     assert_eq!(body["apps"][1]["versions"][0]["kind"], "static");
 }
@@ -161,8 +203,14 @@ async fn deployments_lists_apps_versions_kinds_configs_and_errors() {
 async fn internal_routes_report_liveness_and_readiness_and_unknown_ones_are_404() {
     let apps = versioned_apps();
     let server = TestServer::start(&apps.path()).await;
-    assert_eq!(body_of(&server, "/_/health").await, (200, r#"{"status":"ok"}"#.to_owned()));
-    assert_eq!(body_of(&server, "/_/ready").await, (200, r#"{"status":"ready"}"#.to_owned()));
+    assert_eq!(
+        body_of(&server, "/_/health").await,
+        (200, r#"{"status":"ok"}"#.to_owned())
+    );
+    assert_eq!(
+        body_of(&server, "/_/ready").await,
+        (200, r#"{"status":"ready"}"#.to_owned())
+    );
     for path in ["/_", "/_/", "/_/nope", "/_/health/extra"] {
         let response = client().get(server.url(path)).send().await.unwrap();
         assert_eq!(response.status(), 404, "{path}");
@@ -187,7 +235,10 @@ async fn an_overlong_request_target_is_414_with_a_json_error() {
 async fn oversized_headers_are_refused_without_hurting_the_server() {
     let apps = versioned_apps();
     let server = TestServer::start(&apps.path()).await;
-    let request = format!("GET /hello/ HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\nConnection: close\r\n\r\n", "a".repeat(100_000));
+    let request = format!(
+        "GET /hello/ HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(100_000)
+    );
     let response = common::raw_request(server.addr, &request).await;
     assert_eq!(response.status, 431);
     assert_eq!(body_of(&server, "/hello@1.0.0/").await.0, 200);

@@ -92,12 +92,14 @@ impl Snapshot {
     /// Resolves the first path segment (`<app>[@<spec>]`, still percent-encoded) to a version.
     pub fn resolve(&self, segment: &str) -> Result<Resolved, Error> {
         let target = parse_target(segment).map_err(Error::BadSpec)?;
-        let app = self
-            .apps
-            .get(target.app.as_ref())
-            .ok_or_else(|| Error::AppNotFound { app: target.app.to_string() })?;
+        let app = self.apps.get(target.app.as_ref()).ok_or_else(|| Error::AppNotFound {
+            app: target.app.to_string(),
+        })?;
         match target.spec.pick(&app.versions, |v| &v.version) {
-            Some(version) => Ok(Resolved { app: app.clone(), version: version.clone() }),
+            Some(version) => Ok(Resolved {
+                app: app.clone(),
+                version: version.clone(),
+            }),
             None => Err(Error::VersionNotFound {
                 app: app.name.clone(),
                 spec: target.spec_text.map(|s| s.into_owned()),
@@ -123,12 +125,18 @@ pub struct Registry {
 impl Registry {
     /// An empty registry for `apps_dir`; call [`Registry::reload_all`] to fill it.
     pub fn new(apps_dir: PathBuf) -> Registry {
-        Registry { apps_dir, current: ArcSwap::from_pointee(Snapshot::default()) }
+        Registry {
+            apps_dir,
+            current: ArcSwap::from_pointee(Snapshot::default()),
+        }
     }
 
     /// A registry over a snapshot built in memory (benchmarks and tests of resolution).
     pub fn from_snapshot(apps_dir: PathBuf, snapshot: Snapshot) -> Registry {
-        Registry { apps_dir, current: ArcSwap::from_pointee(snapshot) }
+        Registry {
+            apps_dir,
+            current: ArcSwap::from_pointee(snapshot),
+        }
     }
 
     pub fn apps_dir(&self) -> &Path {
@@ -170,7 +178,10 @@ impl Registry {
                 }
             }
         }
-        self.current.store(Arc::new(Snapshot { apps, ignored: old.ignored.clone() }));
+        self.current.store(Arc::new(Snapshot {
+            apps,
+            ignored: old.ignored.clone(),
+        }));
     }
 }
 

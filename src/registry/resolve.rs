@@ -66,7 +66,10 @@ fn decode(segment: &str) -> Cow<'_, str> {
 
 /// Parses what follows the `@`.
 pub fn parse_spec(text: &str) -> Result<Spec, SpecError> {
-    let error = |reason: &str| SpecError { spec: text.to_owned(), reason: reason.to_owned() };
+    let error = |reason: &str| SpecError {
+        spec: text.to_owned(),
+        reason: reason.to_owned(),
+    };
     let trimmed = text.trim();
     if trimmed.is_empty() {
         return Err(error("the spec after `@` is empty"));
@@ -82,9 +85,13 @@ pub fn parse_spec(text: &str) -> Result<Spec, SpecError> {
     // `1` and `1.2` mean "the highest 1.x.x / 1.2.x". semver reads a bare partial as a caret range (`1.2` would
     // admit 1.9.0), so it is spelled as the exact-partial comparator `=1.2`, which is precisely the 1.2.x range.
     if is_partial_version(bare) {
-        return VersionReq::parse(&format!("={bare}")).map(Spec::Range).map_err(|e| error(&e.to_string()));
+        return VersionReq::parse(&format!("={bare}"))
+            .map(Spec::Range)
+            .map_err(|e| error(&e.to_string()));
     }
-    VersionReq::parse(trimmed).map(Spec::Range).map_err(|e| error(&e.to_string()))
+    VersionReq::parse(trimmed)
+        .map(Spec::Range)
+        .map_err(|e| error(&e.to_string()))
 }
 
 /// `1` or `1.2`: one or two dot-separated numbers.
@@ -204,7 +211,11 @@ mod tests {
     fn an_app_with_only_prereleases_serves_its_highest_prerelease_without_a_spec() {
         let list = ["2.0.0-beta.1", "2.0.0-beta.2", "1.0.0-alpha"];
         assert_eq!(resolve(&list, "app").unwrap().as_deref(), Some("2.0.0-beta.2"));
-        assert_eq!(resolve(&list, "app@2").unwrap(), None, "a partial spec never picks a prerelease");
+        assert_eq!(
+            resolve(&list, "app@2").unwrap(),
+            None,
+            "a partial spec never picks a prerelease"
+        );
     }
 
     #[test]
@@ -216,9 +227,20 @@ mod tests {
 
     #[test]
     fn malformed_specs_are_errors_that_quote_the_spec() {
-        for segment in ["app@", "app@latest", "app@1.2.3.4", "app@^", "app@>=x", "app@1..2", "app@%20"] {
+        for segment in [
+            "app@",
+            "app@latest",
+            "app@1.2.3.4",
+            "app@^",
+            "app@>=x",
+            "app@1..2",
+            "app@%20",
+        ] {
             let error = parse_target(segment).expect_err(segment);
-            assert!(error.to_string().contains("is not a version or a semver range"), "{segment}: {error}");
+            assert!(
+                error.to_string().contains("is not a version or a semver range"),
+                "{segment}: {error}"
+            );
         }
     }
 

@@ -23,7 +23,9 @@ pub fn valid_app_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_APP_NAME_LEN
         && !name.starts_with(['_', '.'])
-        && name.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.'))
+        && name
+            .bytes()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.'))
 }
 
 /// Reads every app under `apps_dir`.
@@ -39,7 +41,9 @@ pub fn scan_apps_dir(apps_dir: &Path) -> std::io::Result<Snapshot> {
         if !entry.path().is_dir() {
             snapshot.ignored.push(format!("{name}: not a directory, ignored"));
         } else if name.starts_with('_') {
-            snapshot.ignored.push(format!("{name}: names starting with `_` are reserved, ignored"));
+            snapshot
+                .ignored
+                .push(format!("{name}: names starting with `_` are reserved, ignored"));
         } else if !valid_app_name(&name) {
             snapshot.ignored.push(format!(
                 "{name:?}: not a valid app name (lowercase letters, digits, `-`, `_`, `.`), ignored"
@@ -74,7 +78,9 @@ pub fn scan_app(apps_dir: &Path, name: &str) -> Option<App> {
             continue;
         }
         let Some(version) = version_of_dir(&dir_name) else {
-            ignored.push(format!("{name}/{dir_name}: not a semver version (like 1.2.3 or v1.2.3), ignored"));
+            ignored.push(format!(
+                "{name}/{dir_name}: not a semver version (like 1.2.3 or v1.2.3), ignored"
+            ));
             continue;
         };
         // `1.0.0` and `v1.0.0` name the same version; keep the plain spelling, deterministically.
@@ -93,12 +99,21 @@ pub fn scan_app(apps_dir: &Path, name: &str) -> Option<App> {
         .into_iter()
         .map(|(version, (dir_name, dir))| {
             let deployment = load_version(&dir).map_err(|e| format!("{name}/{dir_name}: {e}"));
-            Arc::new(AppVersion { version, dir_name, dir, deployment })
+            Arc::new(AppVersion {
+                version,
+                dir_name,
+                dir,
+                deployment,
+            })
         })
         .collect();
     versions.sort_by(|a, b| b.version.cmp(&a.version));
     ignored.sort();
-    Some(App { name: name.to_owned(), versions, ignored })
+    Some(App {
+        name: name.to_owned(),
+        versions,
+        ignored,
+    })
 }
 
 fn version_of_dir(name: &str) -> Option<Version> {
@@ -113,7 +128,9 @@ fn version_of_dir(name: &str) -> Option<Version> {
 /// (`worker.config.json: field …`).
 pub fn load_version(dir: &Path) -> Result<Deployment, String> {
     let config = WorkerConfig::load(dir).map_err(|e| format!("{CONFIG_FILE}: {e}"))?;
-    let version_root = dir.canonicalize().map_err(|e| format!("cannot open the version directory: {e}"))?;
+    let version_root = dir
+        .canonicalize()
+        .map_err(|e| format!("cannot open the version directory: {e}"))?;
     let (entrypoint, entrypoint_path) = find_entrypoint(&version_root, config.entrypoint.as_deref())
         .map_err(|e| format!("{CONFIG_FILE}: field `entrypoint`: {e}"))?;
     let kind = match entrypoint.extension().and_then(|e| e.to_str()) {
@@ -127,7 +144,13 @@ pub fn load_version(dir: &Path) -> Result<Deployment, String> {
         }
     };
     let root = entrypoint_path.parent().unwrap_or(&version_root).to_path_buf();
-    Ok(Deployment { config, kind, entrypoint, entrypoint_path, root })
+    Ok(Deployment {
+        config,
+        kind,
+        entrypoint,
+        entrypoint_path,
+        root,
+    })
 }
 
 /// The configured entrypoint, or the first default one that exists; it must be a file inside the version directory
@@ -144,9 +167,13 @@ fn find_entrypoint(version_root: &Path, configured: Option<&str>) -> Result<(Pat
     };
     if let Some(configured) = configured {
         let relative = Path::new(configured);
-        let confined = relative.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+        let confined = relative
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
         if configured.is_empty() || !confined {
-            return Err(format!("{configured:?} must be a relative path inside the version directory"));
+            return Err(format!(
+                "{configured:?} must be a relative path inside the version directory"
+            ));
         }
         return match inside(relative)? {
             Some(path) => Ok((relative.to_path_buf(), path)),
@@ -158,7 +185,10 @@ fn find_entrypoint(version_root: &Path, configured: Option<&str>) -> Result<(Pat
             return Ok((PathBuf::from(candidate), path));
         }
     }
-    Err(format!("none set, and none of {} exists", DEFAULT_ENTRYPOINTS.join(", ")))
+    Err(format!(
+        "none set, and none of {} exists",
+        DEFAULT_ENTRYPOINTS.join(", ")
+    ))
 }
 
 #[cfg(test)]
@@ -186,18 +216,39 @@ mod tests {
         for good in ["hello", "todo-api", "a_b", "v1.app", "0"] {
             assert!(valid_app_name(good), "{good}");
         }
-        for bad in ["", "Hello", "_internal", ".hidden", "a b", "a@b", "a/b", "ü", &"a".repeat(129)] {
+        for bad in [
+            "",
+            "Hello",
+            "_internal",
+            ".hidden",
+            "a b",
+            "a@b",
+            "a/b",
+            "ü",
+            &"a".repeat(129),
+        ] {
             assert!(!valid_app_name(bad), "{bad}");
         }
     }
 
     #[test]
     fn default_entrypoints_are_tried_in_order() {
-        let all = [("app.wasm", ""), ("index.wasm", ""), ("index.html", ""), ("public/index.html", "")];
+        let all = [
+            ("app.wasm", ""),
+            ("index.wasm", ""),
+            ("index.html", ""),
+            ("public/index.html", ""),
+        ];
         assert_eq!(entrypoint_of(&all).unwrap(), ("app.wasm".into(), AppKind::Wasm));
         assert_eq!(entrypoint_of(&all[1..]).unwrap(), ("index.wasm".into(), AppKind::Wasm));
-        assert_eq!(entrypoint_of(&all[2..]).unwrap(), ("index.html".into(), AppKind::Static));
-        assert_eq!(entrypoint_of(&all[3..]).unwrap(), ("public/index.html".into(), AppKind::Static));
+        assert_eq!(
+            entrypoint_of(&all[2..]).unwrap(),
+            ("index.html".into(), AppKind::Static)
+        );
+        assert_eq!(
+            entrypoint_of(&all[3..]).unwrap(),
+            ("public/index.html".into(), AppKind::Static)
+        );
     }
 
     #[test]
@@ -212,7 +263,11 @@ mod tests {
 
     #[test]
     fn a_configured_entrypoint_wins_over_the_defaults() {
-        let files = [("index.html", ""), ("dist/site.html", ""), ("worker.config.json", r#"{"entrypoint": "dist/site.html"}"#)];
+        let files = [
+            ("index.html", ""),
+            ("dist/site.html", ""),
+            ("worker.config.json", r#"{"entrypoint": "dist/site.html"}"#),
+        ];
         let dir = version_dir(&files);
         let deployment = load_version(dir.path()).unwrap();
         assert_eq!(deployment.entrypoint, Path::new("dist/site.html"));
@@ -224,7 +279,10 @@ mod tests {
         for entrypoint in ["../other/index.html", "/etc/passwd", "a/../../x.html", ""] {
             let config = format!(r#"{{"entrypoint": {entrypoint:?}}}"#);
             let error = entrypoint_of(&[("index.html", ""), ("worker.config.json", &config)]).unwrap_err();
-            assert!(error.contains("must be a relative path inside the version directory"), "{entrypoint}: {error}");
+            assert!(
+                error.contains("must be a relative path inside the version directory"),
+                "{entrypoint}: {error}"
+            );
         }
     }
 
@@ -235,22 +293,31 @@ mod tests {
         let dir = version_dir(&[]);
         std::os::unix::fs::symlink(outside.path().join("index.html"), dir.path().join("index.html")).unwrap();
         let error = load_version(dir.path()).unwrap_err();
-        assert!(error.contains("index.html points outside the version directory"), "{error}");
+        assert!(
+            error.contains("index.html points outside the version directory"),
+            "{error}"
+        );
     }
 
     #[test]
     fn a_missing_configured_entrypoint_or_an_unknown_kind_is_an_error() {
         let error = entrypoint_of(&[("worker.config.json", r#"{"entrypoint": "app.wasm"}"#)]).unwrap_err();
         assert!(error.contains("\"app.wasm\" is not a file"), "{error}");
-        let error = entrypoint_of(&[("main.js", ""), ("worker.config.json", r#"{"entrypoint": "main.js"}"#)])
-            .unwrap_err();
-        assert!(error.contains("main.js is neither a .wasm component nor an .html page"), "{error}");
+        let error =
+            entrypoint_of(&[("main.js", ""), ("worker.config.json", r#"{"entrypoint": "main.js"}"#)]).unwrap_err();
+        assert!(
+            error.contains("main.js is neither a .wasm component nor an .html page"),
+            "{error}"
+        );
     }
 
     #[test]
     fn a_config_error_names_the_file_and_the_field() {
         let error = entrypoint_of(&[("index.html", ""), ("worker.config.json", r#"{"ttl": "long"}"#)]).unwrap_err();
-        assert!(error.starts_with("worker.config.json: field `ttl`: invalid type"), "{error}");
+        assert!(
+            error.starts_with("worker.config.json: field `ttl`: invalid type"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -268,7 +335,11 @@ mod tests {
         assert_eq!(app.version_list(), ["2.0.0-beta.1", "1.10.0", "1.2.0", "1.0.0"]);
         assert_eq!(app.versions[1].dir_name, "v1.10.0");
         assert_eq!(app.versions[3].dir_name, "1.0.0", "the plain spelling wins a duplicate");
-        assert!(app.versions[2].deployment.as_ref().unwrap_err().starts_with("hello/1.2.0: worker.config.json: "));
+        assert!(app.versions[2]
+            .deployment
+            .as_ref()
+            .unwrap_err()
+            .starts_with("hello/1.2.0: worker.config.json: "));
         assert_eq!(
             app.ignored,
             [

@@ -17,7 +17,9 @@ pub struct AppsDir {
 
 impl AppsDir {
     pub fn new() -> AppsDir {
-        AppsDir { dir: tempfile::tempdir().expect("a temporary directory") }
+        AppsDir {
+            dir: tempfile::tempdir().expect("a temporary directory"),
+        }
     }
 
     /// The canonical path, as the server will see it.
@@ -35,7 +37,10 @@ impl AppsDir {
 
     /// A static app version whose index page says which version it is.
     pub fn static_version(&self, app: &str, version: &str) {
-        self.write(&format!("{app}/{version}/index.html"), format!("<h1>{app} {version}</h1>"));
+        self.write(
+            &format!("{app}/{version}/index.html"),
+            format!("<h1>{app} {version}</h1>"),
+        );
     }
 }
 
@@ -60,7 +65,11 @@ impl TestServer {
             shutdown,
             Duration::from_secs(5),
         ));
-        let server = TestServer { addr, shutdown: Some(tx), task: Some(task) };
+        let server = TestServer {
+            addr,
+            shutdown: Some(tx),
+            task: Some(task),
+        };
         server.wait_ready().await;
         server
     }
@@ -103,7 +112,10 @@ impl Drop for TestServer {
 
 /// An HTTP/1.1 client that does not follow redirects, so tests see them.
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
 }
 
 /// A response read off a raw socket.
@@ -129,7 +141,11 @@ impl RawResponse {
 
 /// Sends a GET for `target` exactly as given (no normalisation) and reads the whole response.
 pub async fn raw_get(addr: SocketAddr, target: &str) -> RawResponse {
-    raw_request(addr, &format!("GET {target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")).await
+    raw_request(
+        addr,
+        &format!("GET {target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"),
+    )
+    .await
 }
 
 /// Sends raw bytes and reads until the server closes the connection.
@@ -142,10 +158,21 @@ pub async fn raw_request(addr: SocketAddr, request: &str) -> RawResponse {
         .await
         .expect("the server answers and closes within 10 s")
         .unwrap();
-    let split = bytes.windows(4).position(|w| w == b"\r\n\r\n").expect("a complete response head");
+    let split = bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a complete response head");
     let head = String::from_utf8_lossy(&bytes[..split]).into_owned();
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("a status code");
-    RawResponse { status, head, body: bytes[split + 4..].to_vec() }
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status code");
+    RawResponse {
+        status,
+        head,
+        body: bytes[split + 4..].to_vec(),
+    }
 }
 
 /// The `marina` binary as a child process, killed on drop if it is still running.
@@ -180,9 +207,14 @@ impl MarinaProcess {
             }
         });
         let addr = loop {
-            let line = log.recv_timeout(Duration::from_secs(20)).expect("marina reports its address");
+            let line = log
+                .recv_timeout(Duration::from_secs(20))
+                .expect("marina reports its address");
             let entry: serde_json::Value = serde_json::from_str(&line).expect("every log line is JSON");
-            if let Some(addr) = entry["message"].as_str().and_then(|m| m.strip_prefix("listening on http://")) {
+            if let Some(addr) = entry["message"]
+                .as_str()
+                .and_then(|m| m.strip_prefix("listening on http://"))
+            {
                 break addr.parse().unwrap();
             }
         };
@@ -190,7 +222,10 @@ impl MarinaProcess {
     }
 
     pub fn terminate(&self) {
-        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
         assert!(status.success());
     }
 
