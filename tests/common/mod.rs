@@ -185,17 +185,20 @@ pub struct MarinaProcess {
 impl MarinaProcess {
     /// Starts `marina serve` with JSON logs on port 0 and reads the address it reports.
     pub fn serve(apps_dir: &Path, extra: &[&str]) -> MarinaProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_marina"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_marina"));
+        command
             .args(["serve", "--port", "0", "--log-format", "json", "--apps-dir"])
             .arg(apps_dir)
             .args(extra)
             .env_remove("PORT")
             .env_remove("HOST")
-            .env_remove("APPS_DIR")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .env_remove("APPS_DIR");
+        MarinaProcess::spawn(command)
+    }
+
+    /// Starts a prepared command that must log JSON, and reads the address it reports.
+    pub fn spawn(mut command: Command) -> MarinaProcess {
+        let mut child = command.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, log) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -206,18 +209,21 @@ impl MarinaProcess {
                 }
             }
         });
-        let addr = loop {
+        let mut addr = None;
+        loop {
             let line = log
                 .recv_timeout(Duration::from_secs(20))
-                .expect("marina reports its address");
+                .expect("marina reports its address, then ready");
             let entry: serde_json::Value = serde_json::from_str(&line).expect("every log line is JSON");
-            if let Some(addr) = entry["message"]
-                .as_str()
-                .and_then(|m| m.strip_prefix("listening on http://"))
-            {
-                break addr.parse().unwrap();
+            let message = entry["message"].as_str().unwrap_or_default();
+            if let Some(listening) = message.strip_prefix("listening on http://") {
+                addr = Some(listening.parse().unwrap());
             }
-        };
+            if message == "apps loaded; ready" {
+                break;
+            }
+        }
+        let addr = addr.expect("the address is logged before readiness");
         MarinaProcess { child, addr, log }
     }
 
