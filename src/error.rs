@@ -7,7 +7,9 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
-use crate::registry::SpecError;
+use std::sync::Arc;
+
+use crate::registry::{App, SpecError};
 
 /// A request that cannot be served, with the status it answers.
 #[derive(Debug, thiserror::Error)]
@@ -16,13 +18,10 @@ pub enum Error {
     #[error("no app named {app:?}")]
     AppNotFound { app: String },
 
-    /// The app exists but no version matches the spec.
-    #[error("no version of {app:?} matches {}", spec.as_deref().unwrap_or("(latest)"))]
-    VersionNotFound {
-        app: String,
-        spec: Option<String>,
-        available: Vec<String>,
-    },
+    /// The app exists but no version matches the spec. The app is kept whole so that the list of its versions
+    /// is only built if the response is.
+    #[error("no version of {:?} matches {}", app.name, spec.as_deref().unwrap_or("(latest)"))]
+    VersionNotFound { app: Arc<App>, spec: Option<String> },
 
     /// The text after `@` is not a version or a semver range.
     #[error("{0}")]
@@ -108,10 +107,10 @@ impl Error {
         let mut body = json!({ "error": self.to_string(), "code": self.code() });
         match self {
             Error::AppNotFound { app } => body["app"] = json!(app),
-            Error::VersionNotFound { app, spec, available } => {
-                body["app"] = json!(app);
+            Error::VersionNotFound { app, spec } => {
+                body["app"] = json!(app.name);
                 body["spec"] = json!(spec);
-                body["available"] = json!(available);
+                body["available"] = json!(app.version_list());
             }
             Error::BadSpec(e) => body["spec"] = json!(e.spec),
             Error::InvalidVersion { app, version, .. } | Error::WorkersUnavailable { app, version } => {
@@ -154,10 +153,14 @@ mod tests {
 
     #[test]
     fn a_missing_version_lists_what_is_available() {
+        let dir = tempfile::tempdir().unwrap();
+        for version in ["1.0.0", "2.0.0"] {
+            std::fs::create_dir_all(dir.path().join("hello").join(version)).unwrap();
+        }
+        let app = Arc::new(crate::registry::scan_app(dir.path(), "hello").unwrap());
         let error = Error::VersionNotFound {
-            app: "hello".into(),
+            app,
             spec: Some("^3".into()),
-            available: vec!["2.0.0".into(), "1.0.0".into()],
         };
         assert_eq!(error.status(), StatusCode::NOT_FOUND);
         assert_eq!(

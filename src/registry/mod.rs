@@ -20,7 +20,7 @@ use crate::config::WorkerConfig;
 use crate::error::Error;
 
 pub use resolve::{parse_spec, parse_target, Spec, SpecError, Target};
-pub use scan::{load_version, scan_apps_dir, valid_app_name, DEFAULT_ENTRYPOINTS, MAX_APP_NAME_LEN};
+pub use scan::{load_version, scan_app, scan_apps_dir, valid_app_name, DEFAULT_ENTRYPOINTS, MAX_APP_NAME_LEN};
 pub use watch::{Watcher, DEBOUNCE};
 
 /// How a version serves requests, decided by its entrypoint's extension.
@@ -101,9 +101,8 @@ impl Snapshot {
                 version: version.clone(),
             }),
             None => Err(Error::VersionNotFound {
-                app: app.name.clone(),
+                app: app.clone(),
                 spec: target.spec_text.map(|s| s.into_owned()),
-                available: app.version_list(),
             }),
         }
     }
