@@ -60,7 +60,7 @@ pub async fn serve(
         _ => None,
     };
     let file = match file {
-        Some(file) if !is_private(root, &file, segments.len()) => file,
+        Some(file) if !is_private(root, &file) => file,
         Some(_) => return Err(not_found()),
         // A path without an extension is a route of a single-page app: the entrypoint renders it.
         None if !segments.last().is_some_and(|s| s.contains('.')) => deployment.entrypoint_path.clone(),
@@ -113,9 +113,9 @@ async fn confined(root: &Path, path: &Path) -> Found {
 }
 
 /// The version's own config sits beside the files when the entrypoint is at the top of the version directory;
-/// it holds the app's `env`, so it is never served.
-fn is_private(root: &Path, file: &Path, depth: usize) -> bool {
-    depth == 1 && file.parent() == Some(root) && file.file_name().is_some_and(|n| n == CONFIG_FILE)
+/// it holds the app's `env`, so it is never served, under any name that leads to it (the path is the real one).
+fn is_private(root: &Path, file: &Path) -> bool {
+    file.parent() == Some(root) && file.file_name().is_some_and(|n| n == CONFIG_FILE)
 }
 
 fn encode_segment(segment: &str) -> String {

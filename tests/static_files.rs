@@ -309,8 +309,16 @@ async fn a_symlink_that_points_out_of_the_app_is_404_and_one_inside_is_served() 
     std::os::unix::fs::symlink(apps.path().join("outside.txt"), version.join("escape.txt")).unwrap();
     std::os::unix::fs::symlink("/etc", version.join("etc")).unwrap();
     std::os::unix::fs::symlink(version.join("app.js"), version.join("alias.js")).unwrap();
+    std::os::unix::fs::symlink(&version, version.join("here")).unwrap();
+    std::os::unix::fs::symlink(version.join("worker.config.json"), version.join("config.txt")).unwrap();
     let server = TestServer::start(&apps.path()).await;
-    for target in ["/site/escape.txt", "/site/etc/passwd", "/site/etc/"] {
+    for target in [
+        "/site/escape.txt",
+        "/site/etc/passwd",
+        "/site/etc/",
+        "/site/here/worker.config.json",
+        "/site/config.txt",
+    ] {
         let response = raw_get(server.addr, target).await;
         assert_eq!(response.status, 404, "{target}");
         assert!(

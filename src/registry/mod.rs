@@ -10,7 +10,7 @@ mod watch;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use semver::Version;
@@ -119,15 +119,16 @@ impl Snapshot {
 pub struct Registry {
     apps_dir: PathBuf,
     current: ArcSwap<Snapshot>,
+    /// Held by a reload from its scan to its swap, so that a full rescan (at start, or after a watcher error)
+    /// and a one-app rescan never build from the same old snapshot and lose each other's update. Readers never
+    /// take it; a std mutex is right because no `.await` happens while it is held.
+    reloading: Mutex<()>,
 }
 
 impl Registry {
     /// An empty registry for `apps_dir`; call [`Registry::reload_all`] to fill it.
     pub fn new(apps_dir: PathBuf) -> Registry {
-        Registry {
-            apps_dir,
-            current: ArcSwap::from_pointee(Snapshot::default()),
-        }
+        Registry::from_snapshot(apps_dir, Snapshot::default())
     }
 
     /// A registry over a snapshot built in memory (benchmarks and tests of resolution).
@@ -135,6 +136,7 @@ impl Registry {
         Registry {
             apps_dir,
             current: ArcSwap::from_pointee(snapshot),
+            reloading: Mutex::new(()),
         }
     }
 
@@ -149,6 +151,7 @@ impl Registry {
 
     /// Rescans the whole of APPS_DIR and swaps the result in.
     pub fn reload_all(&self) -> std::io::Result<()> {
+        let _reloading = self.reloading.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let snapshot = scan_apps_dir(&self.apps_dir)?;
         log_problems(snapshot.apps.values().map(|a| a.as_ref()), &snapshot.ignored);
         self.current.store(Arc::new(snapshot));
@@ -156,12 +159,11 @@ impl Registry {
     }
 
     /// Rescans one app directory (added, changed or removed) and swaps in a snapshot with just that app changed.
-    ///
-    /// Only the watcher thread calls this, so two reloads never race to build from the same old snapshot.
     pub fn reload_app(&self, name: &str) {
         if !valid_app_name(name) {
             return;
         }
+        let _reloading = self.reloading.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let app = scan::scan_app(&self.apps_dir, name);
         let old = self.current.load();
         let mut apps = old.apps.clone();
