@@ -158,16 +158,13 @@ pub async fn serve(
             let watcher = Watcher::start(state.registry.clone())
                 .map_err(|error| tracing::warn!(%error, "cannot watch the apps directory; hot reload is off"))
                 .ok();
-            match state.registry.reload_all() {
-                Ok(()) => {
-                    let apps = state.registry.snapshot().apps.len();
-                    tracing::info!(apps, "apps loaded; ready");
-                }
-                Err(error) => {
-                    tracing::error!(%error, "cannot read the apps directory; serving no apps")
-                }
-            }
+            let loaded = state.registry.reload_all();
+            // Ready first, then say so: whoever waits for the log line must find the server ready.
             state.lifecycle.set_ready();
+            match loaded {
+                Ok(()) => tracing::info!(apps = state.registry.snapshot().apps.len(), "apps loaded; ready"),
+                Err(error) => tracing::error!(%error, "cannot read the apps directory; ready, serving no apps"),
+            }
             watcher
         })
     };
