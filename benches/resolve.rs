@@ -35,6 +35,7 @@ fn registry() -> Registry {
         entrypoint: PathBuf::from("index.html"),
         entrypoint_path: PathBuf::from("/apps/x/index.html"),
         root: PathBuf::from("/apps/x"),
+        fingerprint: 0,
     };
     let mut snapshot = Snapshot::default();
     for i in 0..APPS {

@@ -16,12 +16,13 @@ use crate::registry;
 pub const DEFAULT_APPS_DIR: &str = "./apps";
 pub const DEFAULT_HOST: &str = "127.0.0.1";
 pub const DEFAULT_PORT: u16 = 8080;
-/// Live WASM instances across all apps (used by the worker pool).
-pub const DEFAULT_POOL_SIZE: usize = 32;
+pub use crate::pool::{DEFAULT_POOL_SIZE, DEFAULT_QUEUE_LIMIT};
 /// The pool reserves address space per slot, so the cap has a ceiling.
 pub const MAX_POOL_SIZE: usize = 10_000;
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 pub const DEFAULT_SHUTDOWN_TIMEOUT: &str = "30s";
+/// The longest wait queue accepted: each waiter is a small allocation, but a queue this long is already a outage.
+pub const MAX_QUEUE_LIMIT: usize = 1_000_000;
 /// A drain longer than this is a misconfiguration, not a wish.
 pub const MAX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3600);
 
@@ -67,6 +68,19 @@ pub struct ServeArgs {
     /// The most WASM instances alive at once, across all apps.
     #[arg(long, env = "POOL_SIZE", default_value_t = DEFAULT_POOL_SIZE, value_parser = parse_pool_size)]
     pub pool_size: usize,
+    /// Requests that may wait for a busy pool at once; beyond it they get 503 with Retry-After. 0 disables waiting.
+    #[arg(long, env = "QUEUE_LIMIT", default_value_t = DEFAULT_QUEUE_LIMIT, value_parser = parse_queue_limit)]
+    pub queue_limit: usize,
+    /// Where compiled components are cached between runs [default: $XDG_CACHE_HOME/marina/components or
+    /// ~/.cache/marina/components].
+    #[arg(long, env = "MARINA_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Do not cache compiled components on disk.
+    #[arg(long, conflicts_with = "cache_dir")]
+    pub no_cache: bool,
+    /// Compile every component before reporting ready, so no first request waits for a compile.
+    #[arg(long, env = "PRECOMPILE")]
+    pub precompile: bool,
     /// How log lines are written.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
@@ -87,6 +101,17 @@ fn parse_pool_size(text: &str) -> Result<usize, String> {
         return Err(format!("must be between 1 and {MAX_POOL_SIZE}"));
     }
     Ok(size)
+}
+
+fn parse_queue_limit(text: &str) -> Result<usize, String> {
+    let limit: usize = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a whole number"))?;
+    if limit > MAX_QUEUE_LIMIT {
+        return Err(format!("must be at most {MAX_QUEUE_LIMIT}"));
+    }
+    Ok(limit)
 }
 
 fn parse_shutdown_timeout(text: &str) -> Result<Duration, String> {
@@ -110,6 +135,9 @@ pub struct Settings {
     pub apps_dir: PathBuf,
     pub addr: SocketAddr,
     pub pool_size: usize,
+    pub queue_limit: usize,
+    pub cache_dir: Option<PathBuf>,
+    pub precompile: bool,
     pub log_format: LogFormat,
     pub log_filter: tracing_subscriber::EnvFilter,
     pub shutdown_timeout: Duration,
@@ -129,6 +157,13 @@ impl ServeArgs {
             apps_dir,
             addr,
             pool_size: self.pool_size,
+            queue_limit: self.queue_limit,
+            cache_dir: match (self.no_cache, self.cache_dir) {
+                (true, _) => None,
+                (false, Some(dir)) => Some(dir),
+                (false, None) => Some(crate::engine::default_cache_dir()),
+            },
+            precompile: self.precompile,
             log_format: self.log_format,
             log_filter,
             shutdown_timeout: self.shutdown_timeout,
@@ -187,7 +222,15 @@ fn serve(args: ServeArgs) -> ExitCode {
             Err(error) => tracing::warn!(%error, "listening, but the bound address is unknown"),
         }
         let shutdown = crate::lifecycle::shutdown_signal();
-        match crate::server::serve(listener, settings.apps_dir, shutdown, settings.shutdown_timeout).await {
+        let options = crate::server::ServeOptions {
+            apps_dir: settings.apps_dir,
+            pool_size: settings.pool_size,
+            queue_limit: settings.queue_limit,
+            cache_dir: settings.cache_dir,
+            precompile: settings.precompile,
+            drain_timeout: settings.shutdown_timeout,
+        };
+        match crate::server::serve(listener, options, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
                 tracing::error!(%error, "server failed");

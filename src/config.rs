@@ -24,6 +24,14 @@ pub const DEFAULT_TTL_SECS: u64 = 0;
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 60;
 /// Default number of requests a worker serves before it is recycled.
 pub const DEFAULT_MAX_REQUESTS: u64 = 1000;
+/// Default cap on one worker's linear memory, in MiB.
+pub const DEFAULT_MAX_MEMORY_MB: u64 = 128;
+/// The memory cap, in MiB, of a `lowMemory` app that sets no `maxMemoryMb`.
+pub const LOW_MEMORY_MAX_MEMORY_MB: u64 = 32;
+/// The largest `maxMemoryMb` accepted: a 32-bit linear memory cannot grow past 4 GiB anyway.
+pub const MAX_MEMORY_MB_LIMIT: u64 = 4096;
+/// Default limit on a request body sent to a worker, in bytes (32 MiB).
+pub const DEFAULT_MAX_BODY_SIZE: u64 = 32 * 1024 * 1024;
 /// A config file larger than this is rejected unread: no honest config comes near it.
 pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
@@ -64,6 +72,20 @@ pub struct WorkerConfig {
     #[serde(default)]
     pub low_memory: bool,
 
+    /// Cap on each worker's linear memory, in MiB: growing past it fails inside the app, never in the host.
+    /// Default 128, or 32 with `lowMemory`; at most 4096.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory_mb: Option<u64>,
+
+    /// Largest request body passed to a worker, in bytes; a larger one answers 413. Default 32 MiB.
+    #[serde(default = "default_max_body_size")]
+    pub max_body_size: u64,
+
+    /// Hosts the app may call through `wasi:http/outgoing-handler`, as `host` or `host:port` (`*` allows any
+    /// host). Every other outbound request is denied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_outbound_hosts: Vec<String>,
+
     /// Environment variables given to the app. The host's own environment is never passed through.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
@@ -85,6 +107,9 @@ fn default_idle_timeout() -> u64 {
 fn default_max_requests() -> u64 {
     DEFAULT_MAX_REQUESTS
 }
+fn default_max_body_size() -> u64 {
+    DEFAULT_MAX_BODY_SIZE
+}
 
 impl Default for WorkerConfig {
     fn default() -> Self {
@@ -96,6 +121,9 @@ impl Default for WorkerConfig {
             idle_timeout: DEFAULT_IDLE_TIMEOUT_SECS,
             max_requests: DEFAULT_MAX_REQUESTS,
             low_memory: false,
+            max_memory_mb: None,
+            max_body_size: DEFAULT_MAX_BODY_SIZE,
+            allowed_outbound_hosts: Vec::new(),
             env: BTreeMap::new(),
             proxy: ProxyRules::default(),
         }
@@ -313,8 +341,35 @@ impl WorkerConfig {
         Ok(config)
     }
 
+    /// The cap on one worker's linear memory, in bytes.
+    pub fn memory_cap_bytes(&self) -> u64 {
+        let mb = self.max_memory_mb.unwrap_or(if self.low_memory {
+            LOW_MEMORY_MAX_MEMORY_MB
+        } else {
+            DEFAULT_MAX_MEMORY_MB
+        });
+        mb * 1024 * 1024
+    }
+
     /// Checks what serde cannot: that patterns compile and that names are usable where they go.
     fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(mb) = self.max_memory_mb {
+            if mb == 0 || mb > MAX_MEMORY_MB_LIMIT {
+                return Err(ConfigError::at(
+                    "maxMemoryMb",
+                    format!("{mb} is outside 1..={MAX_MEMORY_MB_LIMIT}"),
+                ));
+            }
+        }
+        for (i, host) in self.allowed_outbound_hosts.iter().enumerate() {
+            let valid = host == "*" || (!host.is_empty() && http::uri::Authority::try_from(host.as_str()).is_ok());
+            if !valid || host.contains(['@', '/']) {
+                return Err(ConfigError::at(
+                    &format!("allowedOutboundHosts[{i}]"),
+                    format!("{host:?} is not a host or host:port"),
+                ));
+            }
+        }
         for (name, value) in &self.env {
             if name.is_empty() || name.contains(['=', '\0']) {
                 return Err(ConfigError::at("env", format!("{name:?} is not a valid variable name")));
@@ -480,11 +535,30 @@ mod tests {
     }
 
     #[test]
+    fn memory_caps_and_outbound_hosts_are_checked() {
+        assert!(error_of(r#"{"maxMemoryMb": 0}"#).contains("field `maxMemoryMb`"));
+        assert!(error_of(r#"{"maxMemoryMb": 5000}"#).contains("outside 1..=4096"));
+        assert!(error_of(r#"{"allowedOutboundHosts": ["http://x.com"]}"#).contains("allowedOutboundHosts[0]"));
+        assert!(error_of(r#"{"allowedOutboundHosts": ["a.com", "user@b.com"]}"#).contains("allowedOutboundHosts[1]"));
+        let config = WorkerConfig::parse(br#"{"allowedOutboundHosts": ["a.com", "127.0.0.1:8080", "*"]}"#).unwrap();
+        assert_eq!(config.allowed_outbound_hosts.len(), 3);
+        assert_eq!(
+            WorkerConfig::default().memory_cap_bytes(),
+            DEFAULT_MAX_MEMORY_MB * 1024 * 1024
+        );
+        let low = WorkerConfig::parse(br#"{"lowMemory": true}"#).unwrap();
+        assert_eq!(low.memory_cap_bytes(), LOW_MEMORY_MAX_MEMORY_MB * 1024 * 1024);
+        let set = WorkerConfig::parse(br#"{"lowMemory": true, "maxMemoryMb": 64}"#).unwrap();
+        assert_eq!(set.memory_cap_bytes(), 64 * 1024 * 1024);
+    }
+
+    #[test]
     fn the_effective_config_serializes_with_defaults_filled_in() {
         let value = serde_json::to_value(WorkerConfig::default()).unwrap();
         assert_eq!(
             value,
-            serde_json::json!({"timeout": 30, "ttl": 0, "idleTimeout": 60, "maxRequests": 1000, "lowMemory": false})
+            serde_json::json!({"timeout": 30, "ttl": 0, "idleTimeout": 60, "maxRequests": 1000, "lowMemory": false,
+                               "maxBodySize": 33554432})
         );
     }
 

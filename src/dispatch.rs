@@ -16,6 +16,9 @@ use crate::static_files;
 /// The request header that tells an app the prefix it was reached under, e.g. `/hello@1`.
 pub const BASE_HEADER: &str = "x-marina-base";
 
+/// How long `/<app>@<spec>/health` waits for a worker before answering 503.
+pub const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The app and version that served a response, left in its extensions for the access log.
 #[derive(Debug, Clone)]
 pub struct Served {
@@ -25,6 +28,7 @@ pub struct Served {
 
 /// The fallback handler: every request that is not an internal route.
 pub async fn handle(State(state): State<AppState>, request: Request) -> Response {
+    let arrived = std::time::Instant::now();
     if state.lifecycle.phase() == Phase::Loading {
         return Error::Loading.into_response();
     }
@@ -42,21 +46,48 @@ pub async fn handle(State(state): State<AppState>, request: Request) -> Response
         version: resolved.version.version.to_string(),
     };
     let (segment, rest) = (segment.to_owned(), rest.to_owned());
-    let mut response = serve(&resolved, &segment, &rest, request)
+    let mut response = serve(&state, &resolved, &segment, &rest, request, arrived)
         .await
         .unwrap_or_else(IntoResponse::into_response);
     response.extensions_mut().insert(served);
     response
 }
 
-async fn serve(resolved: &Resolved, segment: &str, rest: &str, request: Request) -> Result<Response, Error> {
+async fn serve(
+    state: &AppState,
+    resolved: &Resolved,
+    segment: &str,
+    rest: &str,
+    request: Request,
+    arrived: std::time::Instant,
+) -> Result<Response, Error> {
     let version = &resolved.version;
     let deployment = version.deployment.as_ref().map_err(|reason| Error::InvalidVersion {
         app: resolved.app.name.clone(),
         version: version.version.to_string(),
         reason: reason.clone(),
     })?;
+    let wasm = deployment.kind == AppKind::Wasm;
+    let runtime = wasm.then(|| {
+        state
+            .pool
+            .runtime(&resolved.app.name, &version.version.to_string(), deployment)
+    });
     if rest == "/health" {
+        if let Some(runtime) = &runtime {
+            // Healthy means a worker can actually be had: compiled, instantiated, within the cap.
+            let deadline = arrived + HEALTH_TIMEOUT;
+            let lease = state
+                .pool
+                .acquire(runtime, Some(deadline))
+                .await
+                .map_err(|error| Error::WorkerFailed {
+                    app: resolved.app.name.clone(),
+                    version: version.version.to_string(),
+                    reason: error.to_string(),
+                })?;
+            state.pool.release_unused(lease);
+        }
         return Ok((
             StatusCode::OK,
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
@@ -75,10 +106,10 @@ async fn serve(resolved: &Resolved, segment: &str, rest: &str, request: Request)
             let path = if rest.is_empty() { "/" } else { rest };
             static_files::serve(deployment, path, method, request.headers()).await
         }
-        AppKind::Wasm => Err(Error::WorkersUnavailable {
-            app: resolved.app.name.clone(),
-            version: version.version.to_string(),
-        }),
+        AppKind::Wasm => {
+            let runtime = runtime.expect("made above for wasm deployments");
+            crate::invoke::invoke(&state.pool, runtime, app_request(request), arrived).await
+        }
     }
 }
 

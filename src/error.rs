@@ -35,9 +35,33 @@ pub enum Error {
         reason: String,
     },
 
-    /// The resolved version is a WebAssembly component, and this build has no worker pool yet.
-    #[error("{app}@{version} is a WebAssembly app, and WASM workers are not available in this build")]
-    WorkersUnavailable { app: String, version: String },
+    /// The version's component could not be compiled or instantiated.
+    #[error("{app}@{version} cannot start a worker: {reason}")]
+    WorkerFailed {
+        app: String,
+        version: String,
+        reason: String,
+    },
+
+    /// The app trapped (a panic, an out-of-memory abort, ...) or ended without a response.
+    #[error("{app}@{version} failed while handling the request: {reason}")]
+    AppFailed {
+        app: String,
+        version: String,
+        reason: String,
+    },
+
+    /// The app did not finish within its `timeout`.
+    #[error("{app}@{version} did not answer within its {secs}s timeout")]
+    Timeout { app: String, version: String, secs: u64 },
+
+    /// Every worker slot is busy and the wait queue is full, or the wait outlasted the request's deadline.
+    #[error("the server is busy: {0}; retry shortly")]
+    PoolBusy(String),
+
+    /// The request body is larger than the app's `maxBodySize`.
+    #[error("the request body is larger than this app accepts ({limit} bytes)")]
+    BodyTooLarge { limit: u64 },
 
     /// Requests arrived before the first scan of APPS_DIR finished.
     #[error("apps are still loading; retry shortly")]
@@ -75,9 +99,12 @@ impl Error {
                 StatusCode::NOT_FOUND
             }
             Error::BadSpec(_) => StatusCode::BAD_REQUEST,
-            Error::InvalidVersion { .. } | Error::WorkersUnavailable { .. } | Error::Loading => {
+            Error::InvalidVersion { .. } | Error::WorkerFailed { .. } | Error::PoolBusy(_) | Error::Loading => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            Error::AppFailed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             Error::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
@@ -92,7 +119,11 @@ impl Error {
             Error::VersionNotFound { .. } => "version_not_found",
             Error::BadSpec(_) => "bad_version_spec",
             Error::InvalidVersion { .. } => "invalid_version",
-            Error::WorkersUnavailable { .. } => "workers_unavailable",
+            Error::WorkerFailed { .. } => "worker_failed",
+            Error::AppFailed { .. } => "app_failed",
+            Error::Timeout { .. } => "timeout",
+            Error::PoolBusy(_) => "pool_busy",
+            Error::BodyTooLarge { .. } => "body_too_large",
             Error::Loading => "loading",
             Error::NoRoute(_) => "no_route",
             Error::FileNotFound(_) => "not_found",
@@ -113,10 +144,14 @@ impl Error {
                 body["available"] = json!(app.version_list());
             }
             Error::BadSpec(e) => body["spec"] = json!(e.spec),
-            Error::InvalidVersion { app, version, .. } | Error::WorkersUnavailable { app, version } => {
+            Error::InvalidVersion { app, version, .. }
+            | Error::WorkerFailed { app, version, .. }
+            | Error::AppFailed { app, version, .. }
+            | Error::Timeout { app, version, .. } => {
                 body["app"] = json!(app);
                 body["version"] = json!(version);
             }
+            Error::BodyTooLarge { limit } => body["limit"] = json!(limit),
             _ => {}
         }
         body
@@ -131,7 +166,7 @@ impl IntoResponse for Error {
         let mut response = (self.status(), axum::Json(self.body())).into_response();
         let headers = response.headers_mut();
         match &self {
-            Error::Loading => {
+            Error::Loading | Error::PoolBusy(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             Error::MethodNotAllowed(_) => {

@@ -11,6 +11,10 @@
 //! - [`registry`]: what is deployed: the scan of APPS_DIR, semver resolution, hot reload.
 //! - [`config`]: `worker.config.json`, its validation and its generated JSON schema.
 //! - [`static_files`]: static apps, with conditional and range requests, confined to their directory.
+//! - [`invoke`]: one request on a WASM worker: deadline, body limit, traps and timeouts as HTTP answers.
+//! - [`pool`]: the bounded pool of workers: the `POOL_SIZE` cap, warm reuse, LRU eviction, the wait queue.
+//! - [`worker`]: one isolated instance: its env, read-only filesystem, outbound policy, memory cap, logs.
+//! - [`engine`]: the one wasmtime engine: pooling allocator, epoch ticker, compile cache.
 //! - [`error`]: every failure and the one place it becomes a JSON response.
 //! - [`lifecycle`]: loading, ready, draining, and the signals that end the process.
 //! - [`logging`]: pretty or JSON log output.
@@ -19,10 +23,14 @@ pub mod access_log;
 pub mod cli;
 pub mod config;
 pub mod dispatch;
+pub mod engine;
 pub mod error;
 pub mod internal;
+pub mod invoke;
 pub mod lifecycle;
 pub mod logging;
+pub mod pool;
 pub mod registry;
 pub mod server;
 pub mod static_files;
+pub mod worker;

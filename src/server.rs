@@ -20,8 +20,10 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use crate::engine::{Engine, EngineSettings};
 use crate::error::Error;
 use crate::lifecycle::Lifecycle;
+use crate::pool::{Pool, DEFAULT_POOL_SIZE, DEFAULT_QUEUE_LIMIT};
 use crate::registry::{Registry, Watcher};
 use crate::{access_log, dispatch, internal};
 
@@ -43,6 +45,37 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 pub struct AppState {
     pub registry: Arc<Registry>,
     pub lifecycle: Arc<Lifecycle>,
+    pub pool: Arc<Pool>,
+}
+
+/// How `serve` runs: everything the CLI's flags decide.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub apps_dir: std::path::PathBuf,
+    /// Live instances across all apps (`POOL_SIZE`).
+    pub pool_size: usize,
+    /// Requests that may wait for a worker at once (`--queue-limit`).
+    pub queue_limit: usize,
+    /// Where compiled components are cached; `None` compiles in memory.
+    pub cache_dir: Option<std::path::PathBuf>,
+    /// Compile every component before reporting ready.
+    pub precompile: bool,
+    /// How long in-flight requests may take to finish at shutdown.
+    pub drain_timeout: Duration,
+}
+
+impl ServeOptions {
+    /// Defaults for `apps_dir`: the default pool and queue, no disk cache, lazy compilation, a 30 s drain.
+    pub fn new(apps_dir: impl Into<std::path::PathBuf>) -> ServeOptions {
+        ServeOptions {
+            apps_dir: apps_dir.into(),
+            pool_size: DEFAULT_POOL_SIZE,
+            queue_limit: DEFAULT_QUEUE_LIMIT,
+            cache_dir: None,
+            precompile: false,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// The whole HTTP surface: internal routes under `/_/`, and every other path dispatched to an app.
@@ -138,38 +171,63 @@ pub async fn run(
     Ok(())
 }
 
-/// Serves the apps in `apps_dir` on `listener` until `shutdown` resolves.
+/// Serves the apps in `options.apps_dir` on `listener` until `shutdown` resolves.
 ///
 /// The listener is already bound, so the port answers at once: `/_/health` is 200 and `/_/ready` is 503 until the
-/// first scan of APPS_DIR is done. The watcher starts before that scan, so nothing changed meanwhile is missed.
+/// first scan of APPS_DIR is done (and, with `precompile`, every component compiled). The watcher starts before
+/// that scan, so nothing changed meanwhile is missed.
 pub async fn serve(
     listener: TcpListener,
-    apps_dir: std::path::PathBuf,
+    options: ServeOptions,
     shutdown: impl Future<Output = ()>,
-    drain_timeout: Duration,
 ) -> std::io::Result<()> {
+    let engine = Engine::new(&EngineSettings {
+        pool_size: options.pool_size,
+        cache_dir: options.cache_dir.clone(),
+    })
+    .map_err(|e| std::io::Error::other(format!("cannot start the WebAssembly engine: {e:#}")))?;
+    let pool = Arc::new(Pool::new(Arc::new(engine), options.pool_size, options.queue_limit));
+    pool.spawn_reaper();
     let state = AppState {
-        registry: Arc::new(Registry::new(apps_dir)),
+        registry: Arc::new(Registry::new(options.apps_dir.clone())),
         lifecycle: Arc::new(Lifecycle::default()),
+        pool: pool.clone(),
     };
     let loader = {
         let state = state.clone();
-        tokio::task::spawn_blocking(move || {
-            let watcher = Watcher::start(state.registry.clone())
-                .map_err(|error| tracing::warn!(%error, "cannot watch the apps directory; hot reload is off"))
-                .ok();
-            let loaded = state.registry.reload_all();
+        let precompile = options.precompile;
+        tokio::spawn(async move {
+            let registry = state.registry.clone();
+            let (watcher, loaded) = tokio::task::spawn_blocking(move || {
+                let watcher = Watcher::start(registry.clone())
+                    .map_err(|error| tracing::warn!(%error, "cannot watch the apps directory; hot reload is off"))
+                    .ok();
+                (watcher, registry.reload_all())
+            })
+            .await
+            .expect("the initial scan does not panic");
+            let mut changes = state.registry.subscribe();
+            changes.mark_unchanged();
+            for task in state.pool.sync(&state.registry.snapshot(), precompile) {
+                let _ = task.await;
+            }
             // Ready first, then say so: whoever waits for the log line must find the server ready.
             state.lifecycle.set_ready();
             match loaded {
                 Ok(()) => tracing::info!(apps = state.registry.snapshot().apps.len(), "apps loaded; ready"),
                 Err(error) => tracing::error!(%error, "cannot read the apps directory; ready, serving no apps"),
             }
-            watcher
+            // Versions added or changed from now on compile in the background, before their first request.
+            while changes.changed().await.is_ok() {
+                state.pool.sync(&state.registry.snapshot(), true);
+            }
+            drop(watcher);
         })
     };
-    let result = run(listener, state, shutdown, drain_timeout).await;
-    // Dropping the watcher stops hot reload; the loader has long finished unless the scan is still running.
-    drop(loader.await);
+    let result = run(listener, state, shutdown, options.drain_timeout).await;
+    // Stop following changes (dropping the watcher), and drop warm workers before the engine goes.
+    loader.abort();
+    let _ = loader.await;
+    pool.clear();
     result
 }

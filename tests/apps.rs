@@ -130,18 +130,22 @@ async fn an_invalid_config_answers_503_with_its_error_while_other_apps_keep_work
 }
 
 #[tokio::test]
-async fn a_wasm_entrypoint_answers_503_until_workers_are_available() {
+async fn a_wasm_file_that_is_not_a_component_answers_503_naming_the_problem_and_other_apps_still_answer() {
     let apps = AppsDir::new();
     apps.write("svc/1.0.0/app.wasm", b"\0asm");
+    apps.static_version("site", "1.0.0");
     let server = TestServer::start(&apps.path()).await;
     let response = client().get(server.url("/svc/anything")).send().await.unwrap();
     assert_eq!(response.status(), 503);
     let body: Value = response.json().await.unwrap();
-    assert_eq!(body["code"], "workers_unavailable");
-    assert!(body["error"]
-        .as_str()
-        .unwrap()
-        .contains("WASM workers are not available"));
+    assert_eq!(body["code"], "worker_failed");
+    assert_eq!(body["app"], "svc");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("svc@1.0.0 cannot start a worker"), "{error}");
+    assert!(error.contains("not a valid WebAssembly component"), "{error}");
+    let health = client().get(server.url("/svc/health")).send().await.unwrap();
+    assert_eq!(health.status(), 503, "health reports that no worker can be had");
+    assert_eq!(body_of(&server, "/site/").await.0, 200);
 }
 
 #[tokio::test]

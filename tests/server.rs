@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use common::{client, AppsDir, MarinaProcess, TestServer};
 use futures_util::StreamExt;
+use marina::engine::{Engine, EngineSettings};
 use marina::lifecycle::Lifecycle;
+use marina::pool::Pool;
 use marina::registry::Registry;
 use marina::server::{router, AppState};
 use tower::ServiceExt;
@@ -30,9 +32,15 @@ async fn http2_with_prior_knowledge_is_served_on_the_same_port() {
 fn state_in(phase: impl Fn(&Lifecycle)) -> AppState {
     let lifecycle = Lifecycle::default();
     phase(&lifecycle);
+    let engine = Engine::new(&EngineSettings {
+        pool_size: 1,
+        cache_dir: None,
+    })
+    .unwrap();
     AppState {
         registry: Arc::new(Registry::new(std::env::temp_dir())),
         lifecycle: Arc::new(lifecycle),
+        pool: Arc::new(Pool::new(Arc::new(engine), 1, 0)),
     }
 }
 

@@ -44,6 +44,9 @@ pub struct Deployment {
     pub entrypoint_path: PathBuf,
     /// The canonical directory static files are served from (the entrypoint's directory).
     pub root: PathBuf,
+    /// Changes whenever the entrypoint file (size, mtime) or the config changes, so that whatever was built from
+    /// a deployment (a compiled component, warm workers) can tell it is out of date.
+    pub fingerprint: u64,
 }
 
 /// One version directory of an app.
@@ -123,6 +126,8 @@ pub struct Registry {
     /// and a one-app rescan never build from the same old snapshot and lose each other's update. Readers never
     /// take it; a std mutex is right because no `.await` happens while it is held.
     reloading: Mutex<()>,
+    /// Bumped after every swap, for those who keep state per version (the worker pool) and must follow changes.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Registry {
@@ -137,7 +142,18 @@ impl Registry {
             apps_dir,
             current: ArcSwap::from_pointee(snapshot),
             reloading: Mutex::new(()),
+            changes: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// A receiver that sees a new value after every reload.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn swap(&self, snapshot: Snapshot) {
+        self.current.store(Arc::new(snapshot));
+        self.changes.send_modify(|generation| *generation += 1);
     }
 
     pub fn apps_dir(&self) -> &Path {
@@ -154,7 +170,7 @@ impl Registry {
         let _reloading = self.reloading.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let snapshot = scan_apps_dir(&self.apps_dir)?;
         log_problems(snapshot.apps.values().map(|a| a.as_ref()), &snapshot.ignored);
-        self.current.store(Arc::new(snapshot));
+        self.swap(snapshot);
         Ok(())
     }
 
@@ -179,10 +195,9 @@ impl Registry {
                 }
             }
         }
-        self.current.store(Arc::new(Snapshot {
-            apps,
-            ignored: old.ignored.clone(),
-        }));
+        let ignored = old.ignored.clone();
+        drop(old);
+        self.swap(Snapshot { apps, ignored });
     }
 }
 

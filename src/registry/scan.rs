@@ -144,13 +144,28 @@ pub fn load_version(dir: &Path) -> Result<Deployment, String> {
         }
     };
     let root = entrypoint_path.parent().unwrap_or(&version_root).to_path_buf();
+    let fingerprint = fingerprint(&entrypoint_path, &config);
     Ok(Deployment {
+        fingerprint,
         config,
         kind,
         entrypoint,
         entrypoint_path,
         root,
     })
+}
+
+/// A hash of what a deployment is built from: the entrypoint's identity on disk and the config.
+fn fingerprint(entrypoint: &Path, config: &WorkerConfig) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    entrypoint.hash(&mut hasher);
+    if let Ok(meta) = std::fs::metadata(entrypoint) {
+        meta.len().hash(&mut hasher);
+        meta.modified().ok().hash(&mut hasher);
+    }
+    serde_json::to_string(config).unwrap_or_default().hash(&mut hasher);
+    hasher.finish()
 }
 
 /// The configured entrypoint, or the first default one that exists; it must be a file inside the version directory

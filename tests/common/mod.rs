@@ -53,18 +53,20 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(apps_dir: &Path) -> TestServer {
+        let mut options = marina::server::ServeOptions::new(apps_dir);
+        options.drain_timeout = Duration::from_secs(5);
+        TestServer::start_with(options).await
+    }
+
+    /// The server with the given options (pool size, queue limit, cache ...).
+    pub async fn start_with(options: marina::server::ServeOptions) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let shutdown = async move {
             let _ = rx.await;
         };
-        let task = tokio::spawn(marina::server::serve(
-            listener,
-            apps_dir.to_path_buf(),
-            shutdown,
-            Duration::from_secs(5),
-        ));
+        let task = tokio::spawn(marina::server::serve(listener, options, shutdown));
         let server = TestServer {
             addr,
             shutdown: Some(tx),
@@ -79,7 +81,7 @@ impl TestServer {
     }
 
     async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(response) = client().get(self.url("/_/ready")).send().await {
                 if response.status() == 200 {

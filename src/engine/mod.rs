@@ -1,0 +1,184 @@
+//! The one WebAssembly engine of the process: how components are compiled, cached and linked.
+//!
+//! There is a single `wasmtime::Engine` so that compiled code, the pooling allocator's slots and the epoch
+//! counter are shared by every app. The pooling allocator is sized from `POOL_SIZE`, so an instance is a slot
+//! taken, not memory mapped, and memories start from copy-on-write images. One ticker thread advances the epoch;
+//! each store turns ticks into yields (so a busy guest cannot starve the others) and, past its deadline, a trap.
+
+mod cache;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+
+pub use cache::{default_cache_dir, Cache};
+
+use crate::worker::WorkerState;
+
+/// How often the epoch advances. A guest yields to the scheduler at least this often, and a deadline is enforced
+/// to within about this much.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Pooling-allocator slots per instance beyond its one component instance: core instances, memories and tables
+/// of the (small) modules a component is made of. Generous, because a slot is only address space until used.
+const CORE_INSTANCES_PER_COMPONENT: u32 = 32;
+const MEMORIES_PER_COMPONENT: u32 = 4;
+const TABLES_PER_COMPONENT: u32 = 8;
+
+/// The largest linear memory a pooled slot can hold: the most `maxMemoryMb` allows.
+const POOLED_MEMORY_BYTES: usize = crate::config::MAX_MEMORY_MB_LIMIT as usize * 1024 * 1024;
+
+/// How the engine is built.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// The most instances alive at once (`POOL_SIZE`); the pooling allocator reserves this many slots.
+    pub pool_size: usize,
+    /// Where compiled components are kept between runs; `None` compiles in memory every time.
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// A component compiled and linked, ready to be instantiated many times.
+pub struct Loaded {
+    pub pre: ProxyPre<WorkerState>,
+    /// Whether the compiled code came from the disk cache.
+    pub from_cache: bool,
+    pub load_time: Duration,
+}
+
+/// Why a component cannot be loaded. The message is for the log and for the app's 503.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct LoadError(pub String);
+
+/// The process-wide engine, linker and cache.
+pub struct Engine {
+    wasmtime: wasmtime::Engine,
+    linker: Linker<WorkerState>,
+    cache: Option<Cache>,
+    pooling: bool,
+    stop_ticker: Arc<AtomicBool>,
+}
+
+impl Engine {
+    /// Builds the engine: pooled if the address space can be reserved, on-demand otherwise (with a log line).
+    pub fn new(settings: &EngineSettings) -> anyhow::Result<Engine> {
+        let (wasmtime, pooling) = match wasmtime::Engine::new(&config(Some(settings.pool_size))) {
+            Ok(engine) => (engine, true),
+            Err(error) => {
+                tracing::warn!(
+                    pool_size = settings.pool_size,
+                    "the pooling allocator could not reserve its slots ({error:#}); falling back to on-demand \
+                     instance allocation, which is slower to instantiate"
+                );
+                (wasmtime::Engine::new(&config(None))?, false)
+            }
+        };
+        let mut linker = Linker::new(&wasmtime);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+        let cache = match &settings.cache_dir {
+            Some(dir) => match Cache::open(dir, &wasmtime) {
+                Ok(cache) => Some(cache),
+                Err(error) => {
+                    tracing::warn!(dir = %dir.display(), "compile cache disabled: {error:#}");
+                    None
+                }
+            },
+            None => None,
+        };
+        let stop_ticker = Arc::new(AtomicBool::new(false));
+        spawn_ticker(wasmtime.clone(), stop_ticker.clone())
+            .map_err(|e| anyhow::anyhow!("cannot start the epoch ticker thread: {e}"))?;
+        Ok(Engine {
+            wasmtime,
+            linker,
+            cache,
+            pooling,
+            stop_ticker,
+        })
+    }
+
+    pub fn wasmtime(&self) -> &wasmtime::Engine {
+        &self.wasmtime
+    }
+
+    /// Whether instances come from the pooling allocator.
+    pub fn is_pooling(&self) -> bool {
+        self.pooling
+    }
+
+    /// Compiles (or loads from the cache) and links the component at `path`. Blocking: call it off the async
+    /// runtime's worker threads.
+    pub fn load(&self, path: &Path) -> Result<Loaded, LoadError> {
+        let started = Instant::now();
+        let bytes = std::fs::read(path).map_err(|e| LoadError(format!("cannot read {}: {e}", path.display())))?;
+        let (component, from_cache) = match &self.cache {
+            Some(cache) => cache.load_or_compile(&self.wasmtime, &bytes)?,
+            None => (compile(&self.wasmtime, &bytes)?, false),
+        };
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| LoadError(format!("the component cannot be linked: {e:#}")))?;
+        let pre = ProxyPre::new(pre).map_err(|e| {
+            LoadError(format!(
+                "the component does not export wasi:http/incoming-handler: {e:#}"
+            ))
+        })?;
+        Ok(Loaded {
+            pre,
+            from_cache,
+            load_time: started.elapsed(),
+        })
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop_ticker.store(true, Ordering::Relaxed);
+    }
+}
+
+fn compile(engine: &wasmtime::Engine, bytes: &[u8]) -> Result<Component, LoadError> {
+    Component::new(engine, bytes).map_err(|e| LoadError(format!("not a valid WebAssembly component: {e:#}")))
+}
+
+fn config(pool_size: Option<usize>) -> Config {
+    let mut config = Config::new();
+    config.epoch_interruption(true);
+    config.memory_init_cow(true);
+    if let Some(pool_size) = pool_size {
+        let slots = u32::try_from(pool_size).unwrap_or(u32::MAX);
+        let mut pooling = PoolingAllocationConfig::default();
+        pooling
+            .total_component_instances(slots)
+            .total_core_instances(slots.saturating_mul(CORE_INSTANCES_PER_COMPONENT))
+            .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
+            .total_memories(slots.saturating_mul(MEMORIES_PER_COMPONENT))
+            .max_memories_per_component(MEMORIES_PER_COMPONENT)
+            .total_tables(slots.saturating_mul(TABLES_PER_COMPONENT))
+            .max_tables_per_component(TABLES_PER_COMPONENT)
+            .total_stacks(slots)
+            .max_memory_size(POOLED_MEMORY_BYTES);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
+    }
+    config
+}
+
+/// Advances the epoch every [`EPOCH_TICK`] until the engine is dropped.
+fn spawn_ticker(engine: wasmtime::Engine, stop: Arc<AtomicBool>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("marina-epoch".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(EPOCH_TICK);
+                engine.increment_epoch();
+            }
+        })
+        .map(drop)
+}

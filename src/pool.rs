@@ -1,0 +1,584 @@
+//! The worker pool: how many instances live, which are kept warm, and who waits when there is no room.
+//!
+//! `POOL_SIZE` is a hard cap on live instances (idle + busy + being created) across all apps. Every live
+//! instance owns a [`Slot`]; a slot is only ever created under the cap and, when its instance goes away, it is
+//! handed straight to the first waiter or given back, so the count can never drift. A request that finds no warm
+//! worker of its version takes a free slot, else evicts the least recently used idle worker of any app, else waits
+//! in a bounded FIFO queue until its deadline; a full queue is refused at once.
+//!
+//! Workers are dropped outside the pool's lock: dropping one frees its slot, which takes the lock.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use lru::LruCache;
+use tokio::sync::{oneshot, OnceCell};
+
+use crate::engine::{Engine, Loaded};
+use crate::registry::{Deployment, Snapshot};
+use crate::worker::{Identity, Worker};
+
+/// Default `POOL_SIZE`: live instances across all apps.
+pub const DEFAULT_POOL_SIZE: usize = 32;
+/// Default `--queue-limit`: requests that may wait for a worker at once.
+pub const DEFAULT_QUEUE_LIMIT: usize = 1024;
+/// How often idle workers are checked against their `idleTimeout` and `ttl`.
+pub const REAP_INTERVAL: Duration = Duration::from_millis(250);
+/// A `lowMemory` app's idle workers are dropped after at most this long, whatever its `idleTimeout`.
+pub const LOW_MEMORY_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why no worker could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum AcquireError {
+    #[error("every worker is busy and {limit} requests are already waiting")]
+    QueueFull { limit: usize },
+    #[error("every worker stayed busy until the request's deadline")]
+    QueueTimeout,
+    #[error("the worker could not be started: {0}")]
+    Instantiate(String),
+}
+
+/// A compiled version and its warm workers' identity; replaced when the version's files or config change.
+pub struct VersionRuntime {
+    key: u64,
+    pub identity: Identity,
+    pub deployment: Deployment,
+    loaded: OnceCell<Result<Arc<Loaded>, String>>,
+    retired: AtomicBool,
+}
+
+impl VersionRuntime {
+    /// The compiled component, compiling it (off the async threads) the first time. Concurrent callers share one
+    /// compilation.
+    pub async fn loaded(&self, engine: &Arc<Engine>) -> Result<Arc<Loaded>, String> {
+        self.loaded
+            .get_or_init(|| async {
+                let engine = engine.clone();
+                let path = self.deployment.entrypoint_path.clone();
+                let identity = self.identity.clone();
+                let result = tokio::task::spawn_blocking(move || engine.load(&path))
+                    .await
+                    .map_err(|e| format!("compilation did not finish: {e}"))
+                    .and_then(|loaded| loaded.map_err(|e| e.0));
+                match &result {
+                    Ok(loaded) => tracing::info!(
+                        app = %identity.app,
+                        version = %identity.version,
+                        cached = loaded.from_cache,
+                        ms = loaded.load_time.as_secs_f64() * 1000.0,
+                        "component loaded"
+                    ),
+                    Err(error) => {
+                        tracing::error!(app = %identity.app, version = %identity.version, "component failed to load: {error}")
+                    }
+                }
+                result.map(Arc::new)
+            })
+            .await
+            .clone()
+    }
+
+    /// How long an idle worker of this version is kept.
+    fn idle_timeout(&self) -> Duration {
+        let configured = Duration::from_secs(self.deployment.config.idle_timeout);
+        if self.deployment.config.low_memory {
+            configured.min(LOW_MEMORY_IDLE_TIMEOUT)
+        } else {
+            configured
+        }
+    }
+
+    /// Whether a worker that just finished a request may serve another.
+    fn may_reuse(&self, worker: &Worker, now: Instant) -> bool {
+        let config = &self.deployment.config;
+        config.ttl > 0
+            && config.idle_timeout > 0
+            && !self.retired.load(Ordering::Relaxed)
+            && now.duration_since(worker.created) < Duration::from_secs(config.ttl)
+            && (config.max_requests == 0 || worker.served < config.max_requests)
+    }
+
+    fn expired_while_idle(&self, worker: &Worker, now: Instant) -> bool {
+        now.duration_since(worker.last_used) >= self.idle_timeout()
+            || now.duration_since(worker.created) >= Duration::from_secs(self.deployment.config.ttl)
+    }
+}
+
+/// A worker lent to one request. Give it back with [`Pool::release`]; dropping it discards the worker.
+pub struct Lease {
+    pub worker: Worker,
+    pub runtime: Arc<VersionRuntime>,
+    // Declared last so it drops last: the instance is gone before its slot is reused.
+    slot: Slot,
+}
+
+/// Counters kept by the pool.
+#[derive(Debug, Default)]
+pub struct PoolCounters {
+    pub created: AtomicU64,
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub evictions: AtomicU64,
+    pub queue_rejected: AtomicU64,
+}
+
+/// The pool, shared by every request.
+pub struct Pool {
+    engine: Arc<Engine>,
+    shared: Arc<Shared>,
+    runtimes: Mutex<HashMap<(String, String), Arc<VersionRuntime>>>,
+    next_runtime_key: AtomicU64,
+    pub counters: Arc<PoolCounters>,
+}
+
+struct Shared {
+    cap: usize,
+    queue_limit: usize,
+    state: Mutex<State>,
+}
+
+struct Idle {
+    worker: Worker,
+    runtime: Arc<VersionRuntime>,
+    slot: Slot,
+}
+
+struct State {
+    live: usize,
+    /// Idle workers per runtime key; the most recently used last, so a hit takes the warmest.
+    idle: HashMap<u64, Vec<Idle>>,
+    /// Idle worker ids (with their runtime key) in order of last use, for eviction across apps.
+    lru: LruCache<u64, u64>,
+    waiters: VecDeque<Waiter>,
+    next_waiter: u64,
+}
+
+struct Waiter {
+    id: u64,
+    runtime: u64,
+    grant: oneshot::Sender<Grant>,
+}
+
+enum Grant {
+    Worker(Idle),
+    Slot(Slot),
+}
+
+/// The right to one live instance. Dropping it frees the room for the next waiter, or gives it back.
+struct Slot {
+    shared: Option<Arc<Shared>>,
+}
+
+impl Slot {
+    /// Takes the slot's room away from it without freeing it, to hand it to someone else.
+    fn disarm(mut self) {
+        self.shared = None;
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.take() {
+            shared.free_slot(&shared);
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the counts half-updated in a way worse than stopping: keep
+        // serving.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A slot's instance is gone: pass the room to the first live waiter, or give it back.
+    fn free_slot(&self, this: &Arc<Shared>) {
+        let mut state = self.lock();
+        while let Some(waiter) = state.waiters.pop_front() {
+            let grant = Grant::Slot(Slot {
+                shared: Some(this.clone()),
+            });
+            match waiter.grant.send(grant) {
+                Ok(()) => return,
+                // The waiter gave up; the room stays ours for the next one.
+                Err(Grant::Slot(slot)) => slot.disarm(),
+                Err(Grant::Worker(_)) => unreachable!("a slot was sent"),
+            }
+        }
+        state.live -= 1;
+    }
+}
+
+impl Pool {
+    pub fn new(engine: Arc<Engine>, pool_size: usize, queue_limit: usize) -> Pool {
+        Pool {
+            engine,
+            shared: Arc::new(Shared {
+                cap: pool_size,
+                queue_limit,
+                state: Mutex::new(State {
+                    live: 0,
+                    idle: HashMap::new(),
+                    lru: LruCache::unbounded(),
+                    waiters: VecDeque::new(),
+                    next_waiter: 0,
+                }),
+            }),
+            runtimes: Mutex::new(HashMap::new()),
+            next_runtime_key: AtomicU64::new(1),
+            counters: Arc::default(),
+        }
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.shared.cap
+    }
+
+    /// Live instances right now (idle, busy and being created).
+    pub fn live(&self) -> usize {
+        self.shared.lock().live
+    }
+
+    /// Idle instances right now.
+    pub fn idle(&self) -> usize {
+        self.shared.lock().lru.len()
+    }
+
+    /// Requests waiting for a worker right now.
+    pub fn queued(&self) -> usize {
+        self.shared.lock().waiters.len()
+    }
+
+    /// The runtime for a version, made the first time and remade when the deployment changed.
+    pub fn runtime(&self, app: &str, version: &str, deployment: &Deployment) -> Arc<VersionRuntime> {
+        let mut runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (app.to_owned(), version.to_owned());
+        if let Some(runtime) = runtimes.get(&key) {
+            if runtime.deployment.fingerprint == deployment.fingerprint {
+                return runtime.clone();
+            }
+        }
+        let runtime = Arc::new(VersionRuntime {
+            key: self.next_runtime_key.fetch_add(1, Ordering::Relaxed),
+            identity: Identity {
+                app: app.to_owned(),
+                version: version.to_owned(),
+            },
+            deployment: deployment.clone(),
+            loaded: OnceCell::new(),
+            retired: AtomicBool::new(false),
+        });
+        if let Some(old) = runtimes.insert(key, runtime.clone()) {
+            drop(runtimes);
+            self.retire(&old);
+        }
+        runtime
+    }
+
+    /// Follows a new snapshot: versions that are gone or changed stop keeping warm workers, and (when
+    /// `compile` is set) new versions are compiled in the background so their first request does not wait.
+    pub fn sync(self: &Arc<Self>, snapshot: &Snapshot, compile: bool) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut current = HashMap::new();
+        for app in snapshot.apps.values() {
+            for version in &app.versions {
+                if let Ok(deployment) = &version.deployment {
+                    if deployment.kind == crate::registry::AppKind::Wasm {
+                        current.insert((app.name.clone(), version.version.to_string()), deployment.clone());
+                    }
+                }
+            }
+        }
+        let stale: Vec<Arc<VersionRuntime>> = {
+            let mut runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
+            let mut stale = Vec::new();
+            runtimes.retain(|key, runtime| {
+                let keep = current
+                    .get(key)
+                    .is_some_and(|d| d.fingerprint == runtime.deployment.fingerprint);
+                if !keep {
+                    stale.push(runtime.clone());
+                }
+                keep
+            });
+            stale
+        };
+        for runtime in stale {
+            self.retire(&runtime);
+        }
+        let mut tasks = Vec::new();
+        if compile {
+            for ((app, version), deployment) in current {
+                let runtime = self.runtime(&app, &version, &deployment);
+                let pool = self.clone();
+                tasks.push(tokio::spawn(async move {
+                    let _ = runtime.loaded(&pool.engine).await;
+                }));
+            }
+        }
+        tasks
+    }
+
+    /// Drops a runtime's idle workers and marks it so that its busy ones are not kept either.
+    fn retire(&self, runtime: &VersionRuntime) {
+        runtime.retired.store(true, Ordering::Relaxed);
+        let dropped = {
+            let mut state = self.shared.lock();
+            let dropped = state.idle.remove(&runtime.key).unwrap_or_default();
+            for idle in &dropped {
+                state.lru.pop(&idle.worker.id);
+            }
+            dropped
+        };
+        drop(dropped);
+    }
+
+    /// A worker for `runtime`: a warm one, a new one in a free or evicted slot, or one that frees up before
+    /// `deadline`.
+    pub async fn acquire(
+        &self,
+        runtime: &Arc<VersionRuntime>,
+        deadline: Option<Instant>,
+    ) -> Result<Lease, AcquireError> {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        let step = {
+            let mut state = self.shared.lock();
+            let mut step = None;
+            while let Some(idle) = state.idle.get_mut(&runtime.key).and_then(Vec::pop) {
+                state.lru.pop(&idle.worker.id);
+                if runtime.expired_while_idle(&idle.worker, now) {
+                    expired.push(idle);
+                } else {
+                    step = Some(Step::Warm(idle));
+                    break;
+                }
+            }
+            match step {
+                Some(step) => step,
+                None if state.live < self.shared.cap => {
+                    state.live += 1;
+                    Step::Create(Slot {
+                        shared: Some(self.shared.clone()),
+                    })
+                }
+                None => match state.lru.pop_lru() {
+                    Some((worker_id, key)) => {
+                        let list = state
+                            .idle
+                            .get_mut(&key)
+                            .expect("an idle worker in the LRU is in its list");
+                        let at = list.iter().position(|i| i.worker.id == worker_id).expect("listed");
+                        Step::Evict(list.remove(at))
+                    }
+                    None if state.waiters.len() < self.shared.queue_limit => {
+                        let (grant, receiver) = oneshot::channel();
+                        let id = state.next_waiter;
+                        state.next_waiter += 1;
+                        state.waiters.push_back(Waiter {
+                            id,
+                            runtime: runtime.key,
+                            grant,
+                        });
+                        Step::Wait(id, receiver)
+                    }
+                    None => Step::Full,
+                },
+            }
+        };
+        drop(expired);
+        match step {
+            Step::Warm(idle) => {
+                self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                Ok(Lease {
+                    worker: idle.worker,
+                    runtime: idle.runtime,
+                    slot: idle.slot,
+                })
+            }
+            Step::Create(slot) => self.create(runtime, slot).await,
+            Step::Evict(idle) => {
+                self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    app = %idle.runtime.identity.app,
+                    version = %idle.runtime.identity.version,
+                    worker = idle.worker.id,
+                    "evicting an idle worker to make room"
+                );
+                let Idle { worker, slot, .. } = idle;
+                drop(worker);
+                self.create(runtime, slot).await
+            }
+            Step::Wait(id, receiver) => self.wait(runtime, id, receiver, deadline).await,
+            Step::Full => {
+                self.counters.queue_rejected.fetch_add(1, Ordering::Relaxed);
+                Err(AcquireError::QueueFull {
+                    limit: self.shared.queue_limit,
+                })
+            }
+        }
+    }
+
+    async fn wait(
+        &self,
+        runtime: &Arc<VersionRuntime>,
+        id: u64,
+        mut receiver: oneshot::Receiver<Grant>,
+        deadline: Option<Instant>,
+    ) -> Result<Lease, AcquireError> {
+        let granted = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline.into(), &mut receiver).await.ok(),
+            None => Some((&mut receiver).await),
+        };
+        let grant = match granted {
+            Some(Ok(grant)) => grant,
+            _ => {
+                // Leave the queue; a grant that raced with the deadline is dropped, which passes it on.
+                self.shared.lock().waiters.retain(|waiter| waiter.id != id);
+                drop(receiver.try_recv());
+                return Err(AcquireError::QueueTimeout);
+            }
+        };
+        match grant {
+            Grant::Worker(idle) => {
+                self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                Ok(Lease {
+                    worker: idle.worker,
+                    runtime: idle.runtime,
+                    slot: idle.slot,
+                })
+            }
+            Grant::Slot(slot) => self.create(runtime, slot).await,
+        }
+    }
+
+    async fn create(&self, runtime: &Arc<VersionRuntime>, slot: Slot) -> Result<Lease, AcquireError> {
+        self.counters.misses.fetch_add(1, Ordering::Relaxed);
+        let loaded = runtime.loaded(&self.engine).await.map_err(AcquireError::Instantiate)?;
+        let worker = Worker::new(
+            self.engine.wasmtime(),
+            &loaded.pre,
+            &runtime.deployment,
+            &runtime.identity,
+        )
+        .await
+        .map_err(|e| AcquireError::Instantiate(format!("{e:#}")))?;
+        self.counters.created.fetch_add(1, Ordering::Relaxed);
+        Ok(Lease {
+            worker,
+            runtime: runtime.clone(),
+            slot,
+        })
+    }
+
+    /// Takes a worker back after a request. A healthy one that may serve again goes to the first waiter of its
+    /// version, or waits idle; otherwise it is dropped and its slot passed on.
+    pub fn release(&self, lease: Lease, healthy: bool) {
+        let Lease {
+            mut worker,
+            runtime,
+            slot,
+        } = lease;
+        let now = Instant::now();
+        worker.served += 1;
+        worker.last_used = now;
+        if !(healthy && runtime.may_reuse(&worker, now)) {
+            drop(worker);
+            drop(slot);
+            return;
+        }
+        let mut idle = Idle { worker, runtime, slot };
+        let mut state = self.shared.lock();
+        while let Some(front) = state.waiters.front() {
+            if front.runtime != idle.runtime.key {
+                // The first in line wants another version: it gets this worker's slot (after the lock is released,
+                // so the drop below does the handing over).
+                break;
+            }
+            let waiter = state.waiters.pop_front().expect("front exists");
+            match waiter.grant.send(Grant::Worker(idle)) {
+                Ok(()) => return,
+                Err(Grant::Worker(back)) => idle = back,
+                Err(Grant::Slot(_)) => unreachable!("a worker was sent"),
+            }
+        }
+        if !state.waiters.is_empty() {
+            drop(state);
+            drop(idle);
+            return;
+        }
+        state.lru.put(idle.worker.id, idle.runtime.key);
+        state.idle.entry(idle.runtime.key).or_default().push(idle);
+    }
+
+    /// Takes back a worker that served no request (a health check): kept warm if its version keeps workers.
+    pub fn release_unused(&self, mut lease: Lease) {
+        // Not counted as served, but a `ttl: 0` worker is still never reused.
+        lease.worker.served = lease.worker.served.saturating_sub(1);
+        self.release(lease, true);
+    }
+
+    /// Drops idle workers past their `idleTimeout` or `ttl`. Run every [`REAP_INTERVAL`] by [`Pool::spawn_reaper`].
+    pub fn reap(&self) -> usize {
+        let now = Instant::now();
+        let reaped: Vec<Idle> = {
+            let mut state = self.shared.lock();
+            let mut reaped = Vec::new();
+            for list in state.idle.values_mut() {
+                let mut i = 0;
+                while i < list.len() {
+                    if list[i].runtime.expired_while_idle(&list[i].worker, now) {
+                        reaped.push(list.swap_remove(i));
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            for idle in &reaped {
+                state.lru.pop(&idle.worker.id);
+            }
+            state.idle.retain(|_, list| !list.is_empty());
+            reaped
+        };
+        let count = reaped.len();
+        drop(reaped);
+        count
+    }
+
+    /// Reaps idle workers in the background for as long as the pool lives.
+    pub fn spawn_reaper(self: &Arc<Self>) {
+        let pool = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(REAP_INTERVAL);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let Some(pool) = pool.upgrade() else { break };
+                pool.reap();
+            }
+        });
+    }
+
+    /// Drops every idle worker (at shutdown, so instances go before the engine).
+    pub fn clear(&self) {
+        let dropped: Vec<Idle> = {
+            let mut state = self.shared.lock();
+            state.lru.clear();
+            state.idle.drain().flat_map(|(_, list)| list).collect()
+        };
+        drop(dropped);
+    }
+}
+
+enum Step {
+    Warm(Idle),
+    Create(Slot),
+    Evict(Idle),
+    Wait(u64, oneshot::Receiver<Grant>),
+    Full,
+}

@@ -1,0 +1,400 @@
+//! One worker: a component instance in its own store, and what it may see of the world.
+//!
+//! A worker's whole world is built here: the config's `env` plus `MARINA_APP`/`MARINA_VERSION` (never the host's
+//! environment), its version directory mounted read-only at `/` (nothing else of the filesystem), no sockets,
+//! outbound HTTP only to `allowedOutboundHosts`, a memory cap, and stdout/stderr turned into log lines. A worker
+//! serves one request at a time; the pool decides whether it serves another.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use wasmtime::component::ResourceTable;
+use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
+
+use crate::registry::Deployment;
+
+/// The longest guest output line logged whole; longer lines are cut, so one line cannot hold much memory.
+pub const MAX_LOG_LINE_BYTES: usize = 4096;
+/// Lines of guest output logged per request; the rest are counted and dropped, so a chatty guest cannot flood
+/// the log.
+pub const MAX_LOG_LINES_PER_REQUEST: u32 = 200;
+
+static NEXT_WORKER_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Who a worker is, for logs and stats.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub app: String,
+    pub version: String,
+}
+
+/// What the store holds: WASI state, HTTP state, limits.
+pub struct WorkerState {
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    hooks: OutboundPolicy,
+    limits: StoreLimits,
+    /// When the current request must end; the epoch callback traps past it.
+    pub deadline: Option<Instant>,
+    /// Set by the epoch callback when it interrupts the guest for its deadline.
+    pub timed_out: bool,
+    log_budget: std::sync::Arc<LogBudget>,
+}
+
+impl WasiView for WorkerState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for WorkerState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
+    }
+}
+
+/// A live instance: its store, its exports, and its history.
+pub struct Worker {
+    pub store: Store<WorkerState>,
+    pub proxy: Proxy,
+    pub id: u64,
+    pub created: Instant,
+    pub last_used: Instant,
+    pub served: u64,
+}
+
+impl Worker {
+    /// Instantiates `pre` in a fresh store set up for `deployment`.
+    pub async fn new(
+        engine: &wasmtime::Engine,
+        pre: &ProxyPre<WorkerState>,
+        deployment: &Deployment,
+        identity: &Identity,
+    ) -> anyhow::Result<Worker> {
+        let config = &deployment.config;
+        let log_budget = std::sync::Arc::new(LogBudget::default());
+        let mut wasi = WasiCtx::builder();
+        for (name, value) in &config.env {
+            wasi.env(name, value);
+        }
+        wasi.env("MARINA_APP", &identity.app)
+            .env("MARINA_VERSION", &identity.version)
+            .stdout(GuestLog::new(identity, "stdout", log_budget.clone()))
+            .stderr(GuestLog::new(identity, "stderr", log_budget.clone()))
+            .preopened_dir(&deployment.root, "/", FsPerms::ReadOnly)?;
+        let memory_cap = usize::try_from(config.memory_cap_bytes()).unwrap_or(usize::MAX);
+        let state = WorkerState {
+            wasi: wasi.build(),
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            hooks: OutboundPolicy {
+                allowed: config.allowed_outbound_hosts.clone(),
+                identity: identity.clone(),
+            },
+            limits: StoreLimitsBuilder::new().memory_size(memory_cap).build(),
+            deadline: None,
+            timed_out: false,
+            log_budget,
+        };
+        let mut store = Store::new(engine, state);
+        store.limiter(|state| &mut state.limits);
+        // Every tick, yield to the scheduler so a guest that never blocks still shares the thread; past the
+        // deadline, trap. The first deadline is one tick away, so instantiation itself is covered too.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|mut context| {
+            let state = context.data_mut();
+            match state.deadline {
+                Some(deadline) if Instant::now() >= deadline => {
+                    state.timed_out = true;
+                    Ok(UpdateDeadline::Interrupt)
+                }
+                _ => Ok(UpdateDeadline::Yield(1)),
+            }
+        });
+        let proxy = pre.instantiate_async(&mut store).await?;
+        let now = Instant::now();
+        Ok(Worker {
+            store,
+            proxy,
+            id: NEXT_WORKER_ID.fetch_add(1, Ordering::Relaxed),
+            created: now,
+            last_used: now,
+            served: 0,
+        })
+    }
+
+    /// Starts a request: sets its deadline and a fresh log budget.
+    pub fn begin(&mut self, deadline: Option<Instant>) {
+        let state = self.store.data_mut();
+        state.deadline = deadline;
+        state.timed_out = false;
+        state.log_budget.reset();
+    }
+}
+
+/// Decides which outbound requests a guest may make: only to hosts its config lists.
+struct OutboundPolicy {
+    allowed: Vec<String>,
+    identity: Identity,
+}
+
+impl OutboundPolicy {
+    fn allows(&self, host: &str, port: Option<u16>) -> bool {
+        self.allowed.iter().any(|allowed| {
+            if allowed == "*" {
+                return true;
+            }
+            match allowed
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+            {
+                Some((allowed_host, allowed_port)) => {
+                    allowed_host.eq_ignore_ascii_case(host) && Some(allowed_port) == port
+                }
+                None => allowed.eq_ignore_ascii_case(host),
+            }
+        })
+    }
+}
+
+type HttpError = wasmtime_wasi_http::Error;
+/// The future that drives an outbound connection's I/O, as `WasiHttpHooks::send_request` returns it.
+type IoFuture = Box<dyn Future<Output = Result<(), HttpError>> + Send>;
+
+impl WasiHttpHooks for OutboundPolicy {
+    fn send_request(
+        &mut self,
+        request: http::Request<wasmtime_wasi_http::WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
+        fut: Box<dyn Future<Output = Result<(), HttpError>> + Send>,
+    ) -> Box<dyn Future<Output = Result<(http::Response<wasmtime_wasi_http::WasiBody>, IoFuture), HttpError>> + Send>
+    {
+        drop(fut);
+        let uri = request.uri();
+        let host = uri.host().unwrap_or("").to_owned();
+        let port = uri.port_u16().or(match uri.scheme_str() {
+            Some("https") => Some(443),
+            Some("http") => Some(80),
+            _ => None,
+        });
+        if !self.allows(&host, port) {
+            tracing::warn!(
+                app = %self.identity.app,
+                version = %self.identity.version,
+                host = %host,
+                "outbound request denied: the host is not in allowedOutboundHosts"
+            );
+            return Box::new(async { Err(HttpError::HttpRequestDenied) });
+        }
+        Box::new(async move {
+            use http_body_util::BodyExt;
+            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            Ok((response.map(BodyExt::boxed_unsync), Box::new(io) as IoFuture))
+        })
+    }
+}
+
+/// How many lines a worker may still log in the current request, shared by its stdout and stderr.
+#[derive(Default)]
+struct LogBudget {
+    used: std::sync::atomic::AtomicU32,
+    dropped: AtomicU64,
+}
+
+impl LogBudget {
+    fn take(&self) -> bool {
+        if self.used.fetch_add(1, Ordering::Relaxed) < MAX_LOG_LINES_PER_REQUEST {
+            return true;
+        }
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        false
+    }
+
+    fn reset(&self) {
+        self.used.store(0, Ordering::Relaxed);
+        self.dropped.store(0, Ordering::Relaxed);
+    }
+}
+
+/// A guest's stdout or stderr, as log lines tagged with `app@version`.
+#[derive(Clone)]
+struct GuestLog {
+    app: String,
+    version: String,
+    stream: &'static str,
+    budget: std::sync::Arc<LogBudget>,
+}
+
+impl GuestLog {
+    fn new(identity: &Identity, stream: &'static str, budget: std::sync::Arc<LogBudget>) -> GuestLog {
+        GuestLog {
+            app: identity.app.clone(),
+            version: identity.version.clone(),
+            stream,
+            budget,
+        }
+    }
+
+    fn emit(&self, line: &[u8]) {
+        if !self.budget.take() {
+            if self.budget.dropped.load(Ordering::Relaxed) == 1 {
+                tracing::warn!(
+                    target: "marina::guest",
+                    app = %self.app,
+                    version = %self.version,
+                    "guest output over {MAX_LOG_LINES_PER_REQUEST} lines in one request; dropping the rest"
+                );
+            }
+            return;
+        }
+        let line = String::from_utf8_lossy(line);
+        tracing::info!(
+            target: "marina::guest",
+            app = %self.app,
+            version = %self.version,
+            stream = self.stream,
+            "{}",
+            line.trim_end_matches(['\r', '\n'])
+        );
+    }
+}
+
+impl IsTerminal for GuestLog {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for GuestLog {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(LineWriter {
+            log: self.clone(),
+            pending: Vec::new(),
+        })
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(LineWriter {
+            log: self.clone(),
+            pending: Vec::new(),
+        })
+    }
+}
+
+/// Splits a byte stream into lines for [`GuestLog`], holding at most one partial line of
+/// [`MAX_LOG_LINE_BYTES`].
+struct LineWriter {
+    log: GuestLog,
+    pending: Vec<u8>,
+}
+
+impl LineWriter {
+    fn push(&mut self, mut bytes: &[u8]) {
+        while let Some(end) = bytes.iter().position(|&b| b == b'\n') {
+            self.append(&bytes[..end]);
+            self.log.emit(&self.pending);
+            self.pending.clear();
+            bytes = &bytes[end + 1..];
+        }
+        self.append(bytes);
+    }
+
+    fn append(&mut self, bytes: &[u8]) {
+        let room = MAX_LOG_LINE_BYTES.saturating_sub(self.pending.len());
+        self.pending.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+}
+
+impl Drop for LineWriter {
+    fn drop(&mut self) {
+        if !self.pending.is_empty() {
+            self.log.emit(&self.pending);
+        }
+    }
+}
+
+impl OutputStream for LineWriter {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.push(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(64 * 1024)
+    }
+}
+
+#[async_trait::async_trait]
+impl Pollable for LineWriter {
+    async fn ready(&mut self) {}
+}
+
+impl tokio::io::AsyncWrite for LineWriter {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.get_mut().push(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(allowed: &[&str]) -> OutboundPolicy {
+        OutboundPolicy {
+            allowed: allowed.iter().map(|s| s.to_string()).collect(),
+            identity: Identity {
+                app: "a".into(),
+                version: "1.0.0".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn outbound_hosts_are_denied_unless_listed() {
+        assert!(!policy(&[]).allows("example.com", Some(80)));
+        assert!(policy(&["example.com"]).allows("example.com", Some(443)));
+        assert!(policy(&["EXAMPLE.com"]).allows("example.COM", Some(80)));
+        assert!(!policy(&["example.com"]).allows("evil.example.com", Some(80)));
+        assert!(policy(&["127.0.0.1:8080"]).allows("127.0.0.1", Some(8080)));
+        assert!(!policy(&["127.0.0.1:8080"]).allows("127.0.0.1", Some(8081)));
+        assert!(policy(&["*"]).allows("anything", None));
+    }
+}
