@@ -22,9 +22,31 @@ pub fn routes() -> Router<AppState> {
         .route("/_/health", get(health))
         .route("/_/ready", get(ready))
         .route("/_/deployments", get(deployments))
+        .route("/_/metrics", get(metrics))
         .route("/_", any(no_route))
         .route("/_/", any(no_route))
         .route("/_/{*rest}", any(no_route))
+}
+
+/// The worker pool's numbers (Buntime's key names where they exist). Issue 4 grows this into the full set.
+async fn metrics(State(state): State<AppState>) -> Json<Value> {
+    let pool = state.pool.stats();
+    let counters = &state.pool.counters;
+    let load = |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed);
+    Json(json!({
+        "poolSize": pool.capacity,
+        "activeWorkers": pool.live,
+        "busyWorkers": pool.live - pool.idle,
+        "idleWorkers": pool.idle,
+        "peakWorkers": pool.peak,
+        "queueDepth": pool.queued,
+        "queueRejected": load(&counters.queue_rejected),
+        "evictions": load(&counters.evictions),
+        "hits": load(&counters.hits),
+        "misses": load(&counters.misses),
+        "totalWorkersCreated": load(&counters.created),
+        "pooling": state.pool.engine().is_pooling(),
+    }))
 }
 
 /// Liveness: the process answers.

@@ -114,6 +114,17 @@ pub struct Lease {
     slot: Slot,
 }
 
+/// How full the pool is, at one instant.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolStats {
+    pub capacity: usize,
+    /// Idle, busy and being created.
+    pub live: usize,
+    pub idle: usize,
+    pub queued: usize,
+    pub peak: usize,
+}
+
 /// Counters kept by the pool.
 #[derive(Debug, Default)]
 pub struct PoolCounters {
@@ -147,6 +158,8 @@ struct Idle {
 
 struct State {
     live: usize,
+    /// The most live instances there ever were at once.
+    peak: usize,
     /// Idle workers per runtime key; the most recently used last, so a hit takes the warmest.
     idle: HashMap<u64, Vec<Idle>>,
     /// Idle worker ids (with their runtime key) in order of last use, for eviction across apps.
@@ -220,6 +233,7 @@ impl Pool {
                 queue_limit,
                 state: Mutex::new(State {
                     live: 0,
+                    peak: 0,
                     idle: HashMap::new(),
                     lru: LruCache::unbounded(),
                     waiters: VecDeque::new(),
@@ -240,19 +254,16 @@ impl Pool {
         self.shared.cap
     }
 
-    /// Live instances right now (idle, busy and being created).
-    pub fn live(&self) -> usize {
-        self.shared.lock().live
-    }
-
-    /// Idle instances right now.
-    pub fn idle(&self) -> usize {
-        self.shared.lock().lru.len()
-    }
-
-    /// Requests waiting for a worker right now.
-    pub fn queued(&self) -> usize {
-        self.shared.lock().waiters.len()
+    /// The pool's occupancy, read at one instant.
+    pub fn stats(&self) -> PoolStats {
+        let state = self.shared.lock();
+        PoolStats {
+            capacity: self.shared.cap,
+            live: state.live,
+            idle: state.lru.len(),
+            queued: state.waiters.len(),
+            peak: state.peak,
+        }
     }
 
     /// The runtime for a version, made the first time and remade when the deployment changed.
@@ -363,6 +374,7 @@ impl Pool {
                 Some(step) => step,
                 None if state.live < self.shared.cap => {
                     state.live += 1;
+                    state.peak = state.peak.max(state.live);
                     Step::Create(Slot {
                         shared: Some(self.shared.clone()),
                     })
@@ -508,7 +520,9 @@ impl Pool {
             }
         }
         if !state.waiters.is_empty() {
+            // A warm worker goes so that a request for another version gets its slot: that is an eviction.
             drop(state);
+            self.counters.evictions.fetch_add(1, Ordering::Relaxed);
             drop(idle);
             return;
         }

@@ -44,6 +44,48 @@ impl AppsDir {
     }
 }
 
+/// The example components of `runtime-sdk/examples`, built from source once per test binary; returns the path
+/// of the built `<name>.wasm` (`hello`, `echo`, `todo_api`, `lab`, `raw_wasip2`).
+pub fn guest(name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let target = root.join("target").join("guest");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "--examples",
+            ])
+            .current_dir(root.join("runtime-sdk"))
+            .env("CARGO_TARGET_DIR", &target)
+            .status()
+            .expect("cargo runs");
+        assert!(
+            status.success(),
+            "building runtime-sdk's examples failed; is the target installed? (rustup target add wasm32-wasip2)"
+        );
+        target.join("wasm32-wasip2").join("release").join("examples")
+    });
+    let path = dir.join(format!("{name}.wasm"));
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+impl AppsDir {
+    /// Deploys the example component `example` as `app@version` with `config` as its worker.config.json.
+    pub fn component(&self, app: &str, version: &str, example: &str, config: serde_json::Value) {
+        let dir = self.dir.path().join(app).join(version);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(guest(example), dir.join("app.wasm")).unwrap();
+        std::fs::write(dir.join("worker.config.json"), config.to_string()).unwrap();
+    }
+}
+
 /// The real server, in this process, on an ephemeral port; stopped (gracefully) on drop.
 pub struct TestServer {
     pub addr: SocketAddr,
@@ -182,20 +224,33 @@ pub struct MarinaProcess {
     pub child: Child,
     pub addr: SocketAddr,
     pub log: std::sync::mpsc::Receiver<String>,
+    /// The log lines up to and including "apps loaded; ready", parsed.
+    pub startup: Vec<serde_json::Value>,
 }
 
 impl MarinaProcess {
-    /// Starts `marina serve` with JSON logs on port 0 and reads the address it reports.
+    /// Starts `marina serve` with JSON logs on port 0 and reads the address it reports. Unless `extra` names a
+    /// `--cache-dir`, compiled components are not cached (tests must not fill the user's cache).
     pub fn serve(apps_dir: &Path, extra: &[&str]) -> MarinaProcess {
+        let mut command = MarinaProcess::command(apps_dir, extra);
+        if !extra.contains(&"--cache-dir") {
+            command.arg("--no-cache");
+        }
+        MarinaProcess::spawn(command)
+    }
+
+    /// The `marina serve` command `serve` would run, to add environment before spawning.
+    pub fn command(apps_dir: &Path, extra: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_marina"));
         command
             .args(["serve", "--port", "0", "--log-format", "json", "--apps-dir"])
             .arg(apps_dir)
             .args(extra)
+            .env_remove("MARINA_CACHE_DIR")
             .env_remove("PORT")
             .env_remove("HOST")
             .env_remove("APPS_DIR");
-        MarinaProcess::spawn(command)
+        command
     }
 
     /// Starts a prepared command that must log JSON, and reads the address it reports.
@@ -212,21 +267,69 @@ impl MarinaProcess {
             }
         });
         let mut addr = None;
+        let mut startup = Vec::new();
         loop {
             let line = log
-                .recv_timeout(Duration::from_secs(20))
+                .recv_timeout(Duration::from_secs(60))
                 .expect("marina reports its address, then ready");
             let entry: serde_json::Value = serde_json::from_str(&line).expect("every log line is JSON");
-            let message = entry["message"].as_str().unwrap_or_default();
+            let message = entry["message"].as_str().unwrap_or_default().to_owned();
             if let Some(listening) = message.strip_prefix("listening on http://") {
                 addr = Some(listening.parse().unwrap());
             }
+            startup.push(entry);
             if message == "apps loaded; ready" {
                 break;
             }
         }
         let addr = addr.expect("the address is logged before readiness");
-        MarinaProcess { child, addr, log }
+        MarinaProcess {
+            child,
+            addr,
+            log,
+            startup,
+        }
+    }
+
+    /// The next log line (parsed) that `matches`, waiting up to `limit`; lines before it are consumed.
+    pub fn wait_log(&self, limit: Duration, matches: impl Fn(&serde_json::Value) -> bool) -> Option<serde_json::Value> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            let line = self.log.recv_timeout(left).ok()?;
+            let entry: serde_json::Value = serde_json::from_str(&line).expect("every log line is JSON");
+            if matches(&entry) {
+                return Some(entry);
+            }
+        }
+    }
+
+    /// Every log line that arrives within `window`, parsed.
+    pub fn drain_log(&self, window: Duration) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + window;
+        let mut lines = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.log.recv_timeout(left) {
+                Ok(line) => lines.push(serde_json::from_str(&line).expect("every log line is JSON")),
+                Err(_) => break,
+            }
+        }
+        lines
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// The peak resident set size of the process so far, in bytes (Linux `VmHWM`).
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .expect("VmHWM in /proc/<pid>/status");
+        let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kb * 1024
     }
 
     pub fn terminate(&self) {
