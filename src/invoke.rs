@@ -23,6 +23,9 @@ use wasmtime_wasi_http::WasiHttpView;
 use crate::error::Error;
 use crate::pool::{AcquireError, Pool, VersionRuntime};
 
+/// How long the response head waits for the first body frame before it is sent alone.
+const FIRST_FRAME_WAIT: Duration = Duration::from_millis(2);
+
 /// How a guest's handler call ended.
 enum Outcome {
     Returned,
@@ -117,7 +120,14 @@ pub async fn invoke(
             if exceeded.load(Ordering::Relaxed) {
                 return Err(Error::BodyTooLarge { limit });
             }
-            Ok(response.map(|body| Body::new(http_body_util::BodyExt::map_err(body, |e| e.to_string()))))
+            let (parts, mut body) = response.into_parts();
+            // Wait briefly for the first piece of the body, so that a small response leaves in one write with its
+            // head instead of two; a body that takes longer streams as it comes.
+            let first = tokio::time::timeout(FIRST_FRAME_WAIT, http_body_util::BodyExt::frame(&mut body))
+                .await
+                .ok();
+            let body = Prefetched { first, rest: body };
+            Ok(Response::from_parts(parts, Body::new(body)))
         }
         Ok(Err(code)) => {
             if exceeded.load(Ordering::Relaxed) {
@@ -218,5 +228,42 @@ impl http_body::Body for LimitedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A response body whose first frame was already read: `None` when the wait ran out, `Some(None)` when the body
+/// had already ended.
+struct Prefetched {
+    first: Option<Option<Result<Frame<Bytes>, wasmtime_wasi_http::Error>>>,
+    rest: wasmtime_wasi_http::p2::body::HyperOutgoingBody,
+}
+
+impl http_body::Body for Prefetched {
+    type Data = Bytes;
+    type Error = String;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        if let Some(first) = self.first.take() {
+            return Poll::Ready(first.map(|frame| frame.map_err(|e| e.to_string())));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx).map_err(|e| e.to_string())
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.first {
+            Some(None) => true,
+            Some(Some(_)) => false,
+            None => self.rest.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.first {
+            Some(_) => SizeHint::default(),
+            None => self.rest.size_hint(),
+        }
     }
 }

@@ -177,3 +177,30 @@ async fn a_trap_is_logged_with_its_message_and_the_app_version() {
     );
     assert_eq!(trap["level"], "ERROR");
 }
+
+#[tokio::test]
+async fn a_pool_too_large_to_reserve_falls_back_to_on_demand_instances_and_says_so() {
+    let apps = AppsDir::new();
+    apps.component("hello", "1.0.0", "hello", json!({}));
+    // 10,000 slots of 4 memories, each reserving 4 GiB of address space, is more than x86-64 user space holds.
+    let marina = MarinaProcess::serve(&apps.path(), &["--pool-size", "10000"]);
+    let fallback = marina.startup.iter().any(|e| {
+        e["level"] == "WARN"
+            && e["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("falling back to on-demand")
+    });
+    assert!(fallback, "{:?}", marina.startup);
+    let metrics: Value = client()
+        .get(marina.url("/_/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(metrics["pooling"], false);
+    assert_eq!(metrics["poolSize"], 10000, "the cap still applies");
+    assert_eq!(get(&marina, "/hello/").await.0, 200);
+}

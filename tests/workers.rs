@@ -364,3 +364,93 @@ async fn wait_for(server: &TestServer, condition: impl Fn(&Value) -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test]
+async fn low_memory_apps_get_a_smaller_cap_and_give_idle_workers_back_early() {
+    let apps = AppsDir::new();
+    apps.component(
+        "small",
+        "1.0.0",
+        "lab",
+        json!({"ttl": 60, "idleTimeout": 3600, "lowMemory": true}),
+    );
+    apps.component("normal", "1.0.0", "lab", json!({"ttl": 60, "idleTimeout": 3600}));
+    let server = TestServer::start(&apps.path()).await;
+    assert_eq!(
+        get_json(&server, "/normal/hog?mb=48").await.0,
+        200,
+        "48 MiB fits the default 128 MiB cap"
+    );
+    assert_eq!(
+        get_json(&server, "/small/hog?mb=48").await.0,
+        500,
+        "48 MiB is over lowMemory's 32 MiB cap"
+    );
+    assert_eq!(served(&server, "small").await, 1);
+    assert_eq!(metrics(&server).await["idleWorkers"], 2);
+    // The lowMemory worker goes after at most 5 s idle, whatever its idleTimeout; the other one stays.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metrics(&server).await["idleWorkers"] != 1 {
+        assert!(Instant::now() < deadline, "the lowMemory worker was not released");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        served(&server, "normal").await,
+        2,
+        "the normal app's worker is still warm"
+    );
+    assert_eq!(
+        served(&server, "small").await,
+        1,
+        "the lowMemory app's worker was released"
+    );
+}
+
+#[tokio::test]
+async fn a_worker_app_answers_over_http2() {
+    let apps = AppsDir::new();
+    apps.component("echo", "1.0.0", "echo", json!({}));
+    let server = TestServer::start(&apps.path()).await;
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let response = h2.get(server.url("/echo@1/over/h2?x=1")).send().await.unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["path"], "/over/h2");
+    assert_eq!(body["query"], "x=1");
+    assert_eq!(body["base"], "/echo@1");
+    let posted = h2.post(server.url("/echo/")).body("h2 body").send().await.unwrap();
+    assert_eq!(posted.text().await.unwrap(), "h2 body");
+}
+
+#[tokio::test]
+async fn the_shipped_example_apps_run_as_committed() {
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("apps");
+    let server = TestServer::start(&shipped).await;
+    let text = |path: &'static str| {
+        let url = server.url(path);
+        async move {
+            let response = client().get(url).send().await.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    assert_eq!(text("/hello@1.0.0/").await, (200, "Hello from hello@1.0.0\n".into()));
+    assert_eq!(
+        text("/hello/").await,
+        (200, "Hi from hello@1.1.0\n".into()),
+        "latest skips the prerelease"
+    );
+    assert_eq!(text("/hello@^1.0/").await.1, "Hi from hello@1.1.0\n");
+    assert_eq!(
+        text("/hello@2.0.0-beta.1/").await.1,
+        "Hey (pre-release) from hello@2.0.0-beta.1\n"
+    );
+    assert_eq!(text("/hello@1/links").await.1, r#"{"self":"/hello@1/links"}"#);
+    assert_eq!(text("/todo-api/todos").await, (200, "[]".into()));
+    let echoed = client()
+        .post(server.url("/echo/"))
+        .body("shipped")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(echoed.text().await.unwrap(), "shipped");
+}

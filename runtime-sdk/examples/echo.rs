@@ -20,7 +20,10 @@ fn handle(mut request: Request) -> Response {
             }),
         );
     }
-    let content_type = request.header("content-type").unwrap_or("application/octet-stream").to_owned();
+    let content_type = request
+        .header("content-type")
+        .unwrap_or("application/octet-stream")
+        .to_owned();
     let Some(mut body) = request.take_body() else {
         return Response::new(200, Vec::new());
     };

@@ -20,7 +20,9 @@ fn handle(request: Request) -> Response {
         served.get()
     });
     Router::new()
-        .get("/count", move |_| Response::json(200, &serde_json::json!({ "served": served })))
+        .get("/count", move |_| {
+            Response::json(200, &serde_json::json!({ "served": served }))
+        })
         .get("/loop", |_| {
             let mut n: u64 = 0;
             loop {

@@ -54,7 +54,10 @@ fn check_title(title: &str) -> Result<(), Response> {
         return Err(Response::error(422, "title must not be empty"));
     }
     if title.chars().count() > MAX_TITLE_CHARS {
-        return Err(Response::error(422, &format!("title is longer than {MAX_TITLE_CHARS} characters")));
+        return Err(Response::error(
+            422,
+            &format!("title is longer than {MAX_TITLE_CHARS} characters"),
+        ));
     }
     Ok(())
 }

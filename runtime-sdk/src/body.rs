@@ -61,7 +61,9 @@ pub struct BodyWriter {
 
 impl BodyWriter {
     pub(crate) fn new(body: &OutgoingBody) -> BodyWriter {
-        BodyWriter { stream: body.write().ok() }
+        BodyWriter {
+            stream: body.write().ok(),
+        }
     }
 
     pub(crate) fn write_all_bytes(&mut self, bytes: &[u8]) -> io::Result<()> {

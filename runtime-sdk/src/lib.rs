@@ -150,7 +150,9 @@ impl Request {
         };
         body.read_to_limit(DEFAULT_BODY_LIMIT).map_err(|error| match error {
             body::ReadError::TooLarge => Response::error(413, "the request body is too large"),
-            body::ReadError::Io(message) => Response::error(400, &format!("the request body could not be read: {message}")),
+            body::ReadError::Io(message) => {
+                Response::error(400, &format!("the request body could not be read: {message}"))
+            }
         })
     }
 
@@ -227,7 +229,17 @@ impl Response {
     }
 
     fn send(self, out: ResponseOutparam) {
-        let Response { status, headers, body } = self;
+        let Response {
+            status,
+            mut headers,
+            body,
+        } = self;
+        if let ResponseBody::Bytes(bytes) = &body {
+            // A known length lets the host send the response in one piece instead of chunked.
+            if !headers.iter().any(|(name, _)| name == "content-length") {
+                headers.push(("content-length".to_owned(), bytes.len().to_string().into_bytes()));
+            }
+        }
         let fields = Fields::from_list(&headers).unwrap_or_else(|_| Fields::new());
         let response = OutgoingResponse::new(fields);
         // Both calls only fail for an invalid status or a body taken twice: neither can happen here.

@@ -39,9 +39,13 @@ pub fn fetch(url: &str, limit: usize) -> Result<Fetched, FetchError> {
     let invalid = |what: &str| FetchError(format!("invalid {what} in {url}"));
     request.set_method(&Method::Get).map_err(|()| invalid("method"))?;
     request.set_scheme(Some(&scheme)).map_err(|()| invalid("scheme"))?;
-    request.set_authority(Some(authority)).map_err(|()| invalid("authority"))?;
+    request
+        .set_authority(Some(authority))
+        .map_err(|()| invalid("authority"))?;
     request.set_path_with_query(Some(path)).map_err(|()| invalid("path"))?;
-    let body = request.body().map_err(|()| FetchError("request body unavailable".into()))?;
+    let body = request
+        .body()
+        .map_err(|()| FetchError("request body unavailable".into()))?;
     OutgoingBody::finish(body, None).map_err(|error| FetchError(format!("{error:?}")))?;
 
     let future = outgoing_handler::handle(request, None).map_err(|error| FetchError(format!("{error:?}")))?;
@@ -55,7 +59,9 @@ pub fn fetch(url: &str, limit: usize) -> Result<Fetched, FetchError> {
         .map_err(|()| FetchError("the response was already taken".into()))?
         .map_err(|error| FetchError(format!("{error:?}")))?;
     let status = response.status();
-    let incoming = response.consume().map_err(|()| FetchError("response body unavailable".into()))?;
+    let incoming = response
+        .consume()
+        .map_err(|()| FetchError("response body unavailable".into()))?;
     let mut reader = BodyReader::new(incoming).ok_or_else(|| FetchError("response body unavailable".into()))?;
     let body = reader.read_to_limit(limit).map_err(|error| match error {
         crate::body::ReadError::TooLarge => FetchError(format!("the response body is over {limit} bytes")),

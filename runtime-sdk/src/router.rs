@@ -155,6 +155,9 @@ mod tests {
         let params = matches(&pattern("/files/*"), "/files/a/b.txt").unwrap();
         assert_eq!(params["*"], "a/b.txt");
         assert!(matches(&pattern("/"), "/").is_some());
-        assert_eq!(matches(&pattern("/greet/:name"), "/greet/J%C3%BC").unwrap()["name"], "Jü");
+        assert_eq!(
+            matches(&pattern("/greet/:name"), "/greet/J%C3%BC").unwrap()["name"],
+            "Jü"
+        );
     }
 }

@@ -51,6 +51,8 @@ pub fn guest(name: &str) -> PathBuf {
     let dir = BUILT.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let target = root.join("target").join("guest");
+        // A fresh machine may lack the target; adding it is a no-op when it is there.
+        let _ = Command::new("rustup").args(["target", "add", "wasm32-wasip2"]).output();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
             .args([

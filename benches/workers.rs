@@ -1,0 +1,325 @@
+//! Worker throughput and latency against a native axum handler, measured in the same run with the same load.
+//!
+//! `cargo bench --bench workers` (needs `wrk`: `apt-get install wrk`). Scenarios, each a `wrk -t2 -c64` run:
+//!
+//! - native: an axum "hello" handler on its own port, the baseline;
+//! - warm: `hello` with `ttl > 0` (instances reused);
+//! - fresh: `hello` with `ttl: 0` (a new instance per request);
+//! - marina's own `/_/health` route, to separate the host's HTTP stack from the worker;
+//! - `wasmtime serve -Scli` on the same component, when `WASMTIME` names a wasmtime binary (or one is on the PATH);
+//!
+//! then the first request to a never-loaded version, timed from the client, with an empty compile cache and again
+//! after a restart with the cache filled. `BENCH_SECS` sets each wrk run's length (default 10). Run without
+//! `--bench` (as `cargo test --all-targets` does) it only checks that every scenario answers, without timing.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use marina::server::ServeOptions;
+use serde_json::json;
+
+/// Connections the load generator keeps open, as the targets are stated for.
+const CONNECTIONS: u32 = 64;
+/// The pool is sized so every connection can hold a warm worker: this measures the runtime, not queueing.
+const POOL_SIZE: usize = 64;
+/// First-request samples per cache state; the median is reported.
+const FIRST_REQUEST_SAMPLES: usize = 5;
+
+struct Running {
+    addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+async fn start_native() -> Running {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let app = axum::Router::new().fallback(|| async {
+        (
+            [(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "Hello from native\n",
+        )
+    });
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+    });
+    Running { addr, stop, task }
+}
+
+async fn start_marina(apps: &Path, cache_dir: Option<PathBuf>) -> Running {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut options = ServeOptions::new(apps);
+    options.pool_size = POOL_SIZE;
+    options.cache_dir = cache_dir;
+    options.drain_timeout = Duration::from_secs(5);
+    let task = tokio::spawn(async move {
+        marina::server::serve(listener, options, async move {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    let running = Running { addr, stop, task };
+    let client = reqwest::Client::new();
+    while client
+        .get(running.url("/_/ready"))
+        .send()
+        .await
+        .map_or(true, |r| r.status() != 200)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    running
+}
+
+fn build_hello() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target = root.join("target").join("guest");
+    // A fresh machine may lack the target; adding it is a no-op when it is there.
+    let _ = Command::new("rustup").args(["target", "add", "wasm32-wasip2"]).output();
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "--example",
+            "hello",
+        ])
+        .current_dir(root.join("runtime-sdk"))
+        .env("CARGO_TARGET_DIR", &target)
+        .status()
+        .expect("cargo runs");
+    assert!(
+        status.success(),
+        "building the hello example failed (rustup target add wasm32-wasip2)"
+    );
+    target.join("wasm32-wasip2/release/examples/hello.wasm")
+}
+
+fn deploy(apps: &Path, app: &str, wasm: &Path, config: serde_json::Value) {
+    let dir = apps.join(app).join("1.0.0");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut bytes = std::fs::read(wasm).unwrap();
+    // A custom section naming the app makes every deployed component distinct, so one version's compile (or cache
+    // entry) never serves another's first request.
+    let name = b"marina-bench";
+    let section: Vec<u8> = [&[name.len() as u8][..], name, app.as_bytes()].concat();
+    bytes.push(0);
+    bytes.push(u8::try_from(section.len()).expect("a short section"));
+    bytes.extend_from_slice(&section);
+    std::fs::write(dir.join("app.wasm"), bytes).unwrap();
+    std::fs::write(dir.join("worker.config.json"), config.to_string()).unwrap();
+}
+
+/// One wrk run's figures.
+struct Load {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn wrk(url: &str, secs: u64) -> Load {
+    let output = Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{CONNECTIONS}"),
+            &format!("-d{secs}s"),
+            "--latency",
+            url,
+        ])
+        .output()
+        .expect("wrk is installed (apt-get install wrk)");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(!text.contains("Non-2xx"), "wrk saw errors:\n{text}");
+    let field = |prefix: &str| -> &str {
+        text.lines()
+            .map(str::trim)
+            .find_map(|line| line.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} in wrk output:\n{text}"))
+            .trim()
+    };
+    Load {
+        rps: field("Requests/sec:").parse().unwrap(),
+        p50_ms: millis(field("50%")),
+        p99_ms: millis(field("99%")),
+    }
+}
+
+fn millis(value: &str) -> f64 {
+    let split = value.find(|c: char| c.is_ascii_alphabetic()).unwrap();
+    let (number, unit) = value.split_at(split);
+    let number: f64 = number.parse().unwrap();
+    match unit {
+        "us" => number / 1000.0,
+        "ms" => number,
+        "s" => number * 1000.0,
+        other => panic!("unknown unit {other}"),
+    }
+}
+
+/// Times the first request to each of `count` never-loaded apps, on a server that was just started.
+async fn first_requests(apps: &Path, cache_dir: &Path, prefix: &str, count: usize) -> Vec<f64> {
+    let server = start_marina(apps, Some(cache_dir.to_path_buf())).await;
+    let client = reqwest::Client::new();
+    // One request to something else, so the client's connection and the server's first-use costs are paid.
+    client.get(server.url("/_/health")).send().await.unwrap();
+    let mut samples = Vec::new();
+    for i in 0..count {
+        let started = Instant::now();
+        let response = client.get(server.url(&format!("/{prefix}{i}/"))).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+        samples.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    server.stop().await;
+    samples
+}
+
+fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+/// `wasmtime serve` on the same component, when a `wasmtime` binary is given in `WASMTIME` (or on the PATH), as
+/// the reference host. Returns the child and the address it listens on.
+fn start_wasmtime_serve(component: &Path) -> Option<(std::process::Child, SocketAddr)> {
+    let binary = std::env::var("WASMTIME").unwrap_or_else(|_| "wasmtime".into());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()?
+        .port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let child = Command::new(binary)
+        .args(["serve", "-Scli", "--addr", &addr.to_string()])
+        .arg(component)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(addr).is_err() {
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Some((child, addr))
+}
+
+async fn smoke(url: &str) {
+    let client = reqwest::Client::new();
+    for _ in 0..50 {
+        assert_eq!(client.get(url).send().await.unwrap().status(), 200, "{url}");
+    }
+}
+
+fn main() {
+    let benchmarking = std::env::args().any(|arg| arg == "--bench");
+    let secs: u64 = std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let hello = build_hello();
+        let apps = tempfile::tempdir().unwrap();
+        deploy(
+            apps.path(),
+            "warm",
+            &hello,
+            json!({"ttl": 3600, "idleTimeout": 3600, "maxRequests": 0}),
+        );
+        deploy(apps.path(), "fresh", &hello, json!({"ttl": 0}));
+        let count = if benchmarking { FIRST_REQUEST_SAMPLES } else { 1 };
+        for i in 0..count {
+            deploy(apps.path(), &format!("cold{i}"), &hello, json!({}));
+        }
+
+        let native = start_native().await;
+        let marina = start_marina(apps.path(), None).await;
+        let wasmtime = start_wasmtime_serve(&hello);
+        let mut scenarios = vec![
+            ("native axum hello", native.url("/")),
+            ("marina `/_/health` (host only, no worker)", marina.url("/_/health")),
+            ("hello, ttl > 0 (warm)", marina.url("/warm/")),
+            ("hello, ttl: 0 (fresh)", marina.url("/fresh/")),
+        ];
+        if let Some((_, addr)) = &wasmtime {
+            scenarios.push((
+                "`wasmtime serve -Scli` on the same component",
+                format!("http://{addr}/"),
+            ));
+        }
+        let urls: Vec<&String> = scenarios.iter().map(|(_, url)| url).collect();
+        if !benchmarking {
+            for url in &urls {
+                smoke(url).await;
+            }
+        } else {
+            // Compile and warm up before measuring, then measure each scenario alone.
+            for url in &urls {
+                let _ = wrk(url, 1);
+            }
+            let results: Vec<Load> = urls.iter().map(|url| wrk(url, secs)).collect();
+            let base = results[0].rps;
+            println!("| scenario | requests/s | vs native | p50 | p99 |");
+            println!("|---|---:|---:|---:|---:|");
+            for ((name, _), load) in scenarios.iter().zip(&results) {
+                println!(
+                    "| {name} | {:.0} | {:.0}% | {:.2} ms | {:.2} ms |",
+                    load.rps,
+                    100.0 * load.rps / base,
+                    load.p50_ms,
+                    load.p99_ms
+                );
+            }
+        }
+        marina.stop().await;
+        native.stop().await;
+        if let Some((mut child, _)) = wasmtime {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+
+        let cache = tempfile::tempdir().unwrap();
+        let uncached = first_requests(apps.path(), cache.path(), "cold", count).await;
+        let cached = first_requests(apps.path(), cache.path(), "cold", count).await;
+        if benchmarking {
+            println!();
+            println!("| first request to a never-loaded version | median of {count} | min | max |");
+            println!("|---|---:|---:|---:|");
+            for (name, samples) in [("compile (empty cache)", uncached), ("cached compile", cached)] {
+                let min = samples.iter().cloned().fold(f64::INFINITY, f64::min);
+                let max = samples.iter().cloned().fold(0.0, f64::max);
+                println!("| {name} | {:.2} ms | {min:.2} ms | {max:.2} ms |", median(samples));
+            }
+        }
+    });
+}
