@@ -170,9 +170,12 @@ pub struct Response {
     body: ResponseBody,
 }
 
+/// Writes a streamed body; called once, after the response head is sent.
+type WriteBody = Box<dyn FnOnce(&mut BodyWriter) -> std::io::Result<()>>;
+
 enum ResponseBody {
     Bytes(Vec<u8>),
-    Stream(Box<dyn FnOnce(&mut BodyWriter) -> std::io::Result<()>>),
+    Stream(WriteBody),
 }
 
 impl Response {
