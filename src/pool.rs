@@ -140,6 +140,9 @@ pub struct Pool {
     engine: Arc<Engine>,
     shared: Arc<Shared>,
     runtimes: Mutex<HashMap<(String, String), Arc<VersionRuntime>>>,
+    /// The WASM versions (and their fingerprints) of the last snapshot followed by [`Pool::sync`], so that a
+    /// reload compiles only what it added or changed.
+    synced: Mutex<HashMap<(String, String), u64>>,
     next_runtime_key: AtomicU64,
     pub counters: Arc<PoolCounters>,
 }
@@ -241,6 +244,7 @@ impl Pool {
                 }),
             }),
             runtimes: Mutex::new(HashMap::new()),
+            synced: Mutex::new(HashMap::new()),
             next_runtime_key: AtomicU64::new(1),
             counters: Arc::default(),
         }
@@ -293,7 +297,8 @@ impl Pool {
     }
 
     /// Follows a new snapshot: versions that are gone or changed stop keeping warm workers, and (when
-    /// `compile` is set) new versions are compiled in the background so their first request does not wait.
+    /// `compile` is set) versions new or changed since the last sync are compiled in the background, so their first
+    /// request does not wait. Returns the compile tasks.
     pub fn sync(self: &Arc<Self>, snapshot: &Snapshot, compile: bool) -> Vec<tokio::task::JoinHandle<()>> {
         let mut current = HashMap::new();
         for app in snapshot.apps.values() {
@@ -322,9 +327,21 @@ impl Pool {
         for runtime in stale {
             self.retire(&runtime);
         }
+        let fresh: Vec<((String, String), Deployment)> = {
+            let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
+            let fresh = current
+                .into_iter()
+                .filter(|(key, deployment)| synced.get(key) != Some(&deployment.fingerprint))
+                .collect::<Vec<_>>();
+            synced.retain(|key, _| snapshot_has(snapshot, key));
+            for (key, deployment) in &fresh {
+                synced.insert(key.clone(), deployment.fingerprint);
+            }
+            fresh
+        };
         let mut tasks = Vec::new();
         if compile {
-            for ((app, version), deployment) in current {
+            for ((app, version), deployment) in fresh {
                 let runtime = self.runtime(&app, &version, &deployment);
                 let pool = self.clone();
                 tasks.push(tokio::spawn(async move {
@@ -413,7 +430,7 @@ impl Pool {
                     slot: idle.slot,
                 })
             }
-            Step::Create(slot) => self.create(runtime, slot).await,
+            Step::Create(slot) => self.create(runtime, slot, deadline).await,
             Step::Evict(idle) => {
                 self.counters.evictions.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(
@@ -424,7 +441,7 @@ impl Pool {
                 );
                 let Idle { worker, slot, .. } = idle;
                 drop(worker);
-                self.create(runtime, slot).await
+                self.create(runtime, slot, deadline).await
             }
             Step::Wait(id, receiver) => self.wait(runtime, id, receiver, deadline).await,
             Step::Full => {
@@ -465,11 +482,16 @@ impl Pool {
                     slot: idle.slot,
                 })
             }
-            Grant::Slot(slot) => self.create(runtime, slot).await,
+            Grant::Slot(slot) => self.create(runtime, slot, deadline).await,
         }
     }
 
-    async fn create(&self, runtime: &Arc<VersionRuntime>, slot: Slot) -> Result<Lease, AcquireError> {
+    async fn create(
+        &self,
+        runtime: &Arc<VersionRuntime>,
+        slot: Slot,
+        deadline: Option<Instant>,
+    ) -> Result<Lease, AcquireError> {
         self.counters.misses.fetch_add(1, Ordering::Relaxed);
         let loaded = runtime.loaded(&self.engine).await.map_err(AcquireError::Instantiate)?;
         let worker = Worker::new(
@@ -477,6 +499,7 @@ impl Pool {
             &loaded.pre,
             &runtime.deployment,
             &runtime.identity,
+            deadline,
         )
         .await
         .map_err(|e| AcquireError::Instantiate(format!("{e:#}")))?;
@@ -587,6 +610,13 @@ impl Pool {
         };
         drop(dropped);
     }
+}
+
+fn snapshot_has(snapshot: &Snapshot, (app, version): &(String, String)) -> bool {
+    snapshot
+        .apps
+        .get(app.as_str())
+        .is_some_and(|app| app.versions.iter().any(|v| v.version.to_string() == *version))
 }
 
 enum Step {

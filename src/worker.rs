@@ -79,12 +79,13 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Instantiates `pre` in a fresh store set up for `deployment`.
+    /// Instantiates `pre` in a fresh store set up for `deployment`, trapping if that outlasts `deadline`.
     pub async fn new(
         engine: &wasmtime::Engine,
         pre: &ProxyPre<WorkerState>,
         deployment: &Deployment,
         identity: &Identity,
+        deadline: Option<Instant>,
     ) -> anyhow::Result<Worker> {
         let config = &deployment.config;
         let log_budget = std::sync::Arc::new(LogBudget::default());
@@ -107,7 +108,8 @@ impl Worker {
                 identity: identity.clone(),
             },
             limits: StoreLimitsBuilder::new().memory_size(memory_cap).build(),
-            deadline: None,
+            // The request's deadline covers instantiation too: a component whose start never returns traps.
+            deadline,
             timed_out: false,
             log_budget,
         };

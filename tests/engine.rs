@@ -110,12 +110,21 @@ async fn a_version_added_by_hot_reload_compiles_before_its_first_request() {
         "without --precompile, nothing compiles before the first request"
     );
     apps.component("hello", "1.1.0", "hello", json!({}));
+    let others = std::cell::Cell::new(0);
     let loaded = marina
         .wait_log(Duration::from_secs(20), |e| {
+            if is_component_loaded(e, "hello") && e["version"] != "1.1.0" {
+                others.set(others.get() + 1);
+            }
             is_component_loaded(e, "hello") && e["version"] == "1.1.0"
         })
         .expect("the new version is compiled in the background");
     assert_eq!(loaded["level"], "INFO");
+    assert_eq!(
+        others.get(),
+        0,
+        "only the added version is compiled, not the untouched 1.0.0"
+    );
     assert_eq!(get(&marina, "/hello@1.1.0/").await.0, 200);
 }
 
