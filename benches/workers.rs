@@ -18,6 +18,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use marina::server::ServeOptions;
+
+// The test harness's guest builder: the benchmark runs the same component the tests do.
+#[path = "../tests/common/mod.rs"]
+mod common;
 use serde_json::json;
 
 /// Connections the load generator keeps open, as the targets are stated for.
@@ -91,32 +95,6 @@ async fn start_marina(apps: &Path, cache_dir: Option<PathBuf>) -> Running {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     running
-}
-
-fn build_hello() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let target = root.join("target").join("guest");
-    // A fresh machine may lack the target; adding it is a no-op when it is there.
-    let _ = Command::new("rustup").args(["target", "add", "wasm32-wasip2"]).output();
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args([
-            "build",
-            "--quiet",
-            "--release",
-            "--target",
-            "wasm32-wasip2",
-            "--example",
-            "hello",
-        ])
-        .current_dir(root.join("runtime-sdk"))
-        .env("CARGO_TARGET_DIR", &target)
-        .status()
-        .expect("cargo runs");
-    assert!(
-        status.success(),
-        "building the hello example failed (rustup target add wasm32-wasip2)"
-    );
-    target.join("wasm32-wasip2/release/examples/hello.wasm")
 }
 
 fn deploy(apps: &Path, app: &str, wasm: &Path, config: serde_json::Value) {
@@ -248,7 +226,7 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(async move {
-        let hello = build_hello();
+        let hello = common::guest("hello");
         let apps = tempfile::tempdir().unwrap();
         deploy(
             apps.path(),

@@ -422,14 +422,7 @@ impl Pool {
         };
         drop(expired);
         match step {
-            Step::Warm(idle) => {
-                self.counters.hits.fetch_add(1, Ordering::Relaxed);
-                Ok(Lease {
-                    worker: idle.worker,
-                    runtime: idle.runtime,
-                    slot: idle.slot,
-                })
-            }
+            Step::Warm(idle) => Ok(self.warm(idle)),
             Step::Create(slot) => self.create(runtime, slot, deadline).await,
             Step::Evict(idle) => {
                 self.counters.evictions.fetch_add(1, Ordering::Relaxed);
@@ -474,15 +467,18 @@ impl Pool {
             }
         };
         match grant {
-            Grant::Worker(idle) => {
-                self.counters.hits.fetch_add(1, Ordering::Relaxed);
-                Ok(Lease {
-                    worker: idle.worker,
-                    runtime: idle.runtime,
-                    slot: idle.slot,
-                })
-            }
+            Grant::Worker(idle) => Ok(self.warm(idle)),
             Grant::Slot(slot) => self.create(runtime, slot, deadline).await,
+        }
+    }
+
+    /// Lends a warm worker: a hit.
+    fn warm(&self, idle: Idle) -> Lease {
+        self.counters.hits.fetch_add(1, Ordering::Relaxed);
+        Lease {
+            worker: idle.worker,
+            runtime: idle.runtime,
+            slot: idle.slot,
         }
     }
 
