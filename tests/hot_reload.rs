@@ -101,3 +101,23 @@ async fn an_in_flight_download_finishes_when_its_version_is_removed() {
     }
     assert_eq!(received, size);
 }
+
+#[tokio::test]
+async fn serving_and_compiling_files_does_not_count_as_a_change() {
+    // inotify reports opens and reads too; if those counted, every rescan (which reads the configs) would schedule
+    // the next one, forever.
+    let apps = AppsDir::new();
+    apps.static_version("site", "1.0.0");
+    apps.write("site/1.0.0/worker.config.json", "{}");
+    apps.component("hello", "1.0.0", "hello", serde_json::json!({}));
+    let marina = common::MarinaProcess::serve(&apps.path(), &[]);
+    for path in ["/site/", "/hello/", "/site/", "/hello/"] {
+        assert_eq!(client().get(marina.url(path)).send().await.unwrap().status(), 200);
+    }
+    let rescans = marina
+        .drain_log(Duration::from_millis(1500))
+        .into_iter()
+        .filter(|e| e["message"] == "app reloaded")
+        .count();
+    assert_eq!(rescans, 0, "nothing changed on disk");
+}

@@ -3,14 +3,18 @@
 //! Filesystem events come in bursts (a copy is many writes), so they are debounced, then reduced to the set of
 //! app names they touch; each of those apps is rescanned once. Anything that cannot be pinned to one app (an
 //! event on APPS_DIR itself, a watcher error such as an overflowed event queue) rescans everything.
+//!
+//! Only changes count. inotify also reports a file being opened or read, and the host opens files under APPS_DIR
+//! all the time (a rescan reads configs, a compile reads the component, a static app serves its files): treating
+//! those as changes made every rescan schedule the next one, forever.
 
 use std::collections::BTreeSet;
 use std::path::{Component, Path};
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify::{RecommendedWatcher, RecursiveMode};
-use notify_debouncer_mini::{new_debouncer, DebounceEventResult, Debouncer};
+use notify::{EventKind, RecommendedWatcher, RecursiveMode};
+use notify_debouncer_full::{new_debouncer, DebounceEventResult, Debouncer, RecommendedCache};
 
 use super::Registry;
 
@@ -19,18 +23,29 @@ pub const DEBOUNCE: Duration = Duration::from_millis(200);
 
 /// A running watch over APPS_DIR; dropping it stops the watch and its thread.
 pub struct Watcher {
-    _debouncer: Debouncer<RecommendedWatcher>,
+    _debouncer: Debouncer<RecommendedWatcher, RecommendedCache>,
 }
 
 impl Watcher {
     /// Starts watching `registry`'s APPS_DIR. Reloads run on the watcher's own thread, off the request path.
     pub fn start(registry: Arc<Registry>) -> Result<Watcher, notify::Error> {
         let apps_dir = registry.apps_dir().to_path_buf();
-        let mut debouncer = new_debouncer(DEBOUNCE, move |result: DebounceEventResult| {
+        let mut debouncer = new_debouncer(DEBOUNCE, None, move |result: DebounceEventResult| {
             let changed = match result {
-                Ok(events) => changed_apps(registry.apps_dir(), events.iter().map(|e| e.path.as_path())),
-                Err(error) => {
-                    tracing::warn!(%error, "file watcher error; rescanning every app");
+                Ok(events) => {
+                    let changes: Vec<_> = events.iter().filter(|e| is_change(&e.kind)).collect();
+                    if changes.is_empty() {
+                        return;
+                    }
+                    changed_apps(
+                        registry.apps_dir(),
+                        changes.iter().flat_map(|e| e.paths.iter().map(|p| p.as_path())),
+                    )
+                }
+                Err(errors) => {
+                    for error in errors {
+                        tracing::warn!(%error, "file watcher error; rescanning every app");
+                    }
                     None
                 }
             };
@@ -43,9 +58,22 @@ impl Watcher {
                 }
             }
         })?;
-        debouncer.watcher().watch(&apps_dir, RecursiveMode::Recursive)?;
+        debouncer.watch(&apps_dir, RecursiveMode::Recursive)?;
         Ok(Watcher { _debouncer: debouncer })
     }
+}
+
+/// Whether an event can change what is deployed: not a file merely opened, read or closed unwritten.
+fn is_change(kind: &EventKind) -> bool {
+    !matches!(
+        kind,
+        EventKind::Access(
+            notify::event::AccessKind::Open(_)
+                | notify::event::AccessKind::Read
+                | notify::event::AccessKind::Close(notify::event::AccessMode::Read)
+                | notify::event::AccessKind::Close(notify::event::AccessMode::Execute)
+        )
+    )
 }
 
 /// The app names touched by `paths`, or `None` when a path is APPS_DIR itself or lies outside it.
