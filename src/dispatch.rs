@@ -46,7 +46,7 @@ pub async fn handle(State(state): State<AppState>, request: Request) -> Response
         version: resolved.version.version.to_string(),
     };
     let (segment, rest) = (segment.to_owned(), rest.to_owned());
-    let mut response = serve(&state, &resolved, &segment, &rest, request, arrived)
+    let mut response = serve(&state, &resolved, &served, &segment, &rest, request, arrived)
         .await
         .unwrap_or_else(IntoResponse::into_response);
     response.extensions_mut().insert(served);
@@ -56,6 +56,7 @@ pub async fn handle(State(state): State<AppState>, request: Request) -> Response
 async fn serve(
     state: &AppState,
     resolved: &Resolved,
+    served: &Served,
     segment: &str,
     rest: &str,
     request: Request,
@@ -68,11 +69,7 @@ async fn serve(
         reason: reason.clone(),
     })?;
     let wasm = deployment.kind == AppKind::Wasm;
-    let runtime = wasm.then(|| {
-        state
-            .pool
-            .runtime(&resolved.app.name, &version.version.to_string(), deployment)
-    });
+    let runtime = wasm.then(|| state.pool.runtime(&served.app, &served.version, deployment));
     if rest == "/health" {
         if let Some(runtime) = &runtime {
             // Healthy means a worker can actually be had: compiled, instantiated, within the cap.
