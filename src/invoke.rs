@@ -151,7 +151,7 @@ pub async fn invoke(
                 Outcome::TimedOut => Error::Timeout {
                     app: identity.app,
                     version: identity.version,
-                    secs: config_timeout(&runtime),
+                    secs: runtime.deployment.config.timeout,
                 },
                 Outcome::Trapped(message) => Error::AppFailed {
                     app: identity.app,
@@ -166,10 +166,6 @@ pub async fn invoke(
             })
         }
     }
-}
-
-fn config_timeout(runtime: &VersionRuntime) -> u64 {
-    runtime.deployment.config.timeout
 }
 
 /// The trap's headline, without the wasm backtrace that follows (that goes to the log).

@@ -329,11 +329,11 @@ impl Pool {
         }
         let fresh: Vec<((String, String), Deployment)> = {
             let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
+            synced.retain(|key, _| current.contains_key(key));
             let fresh = current
                 .into_iter()
                 .filter(|(key, deployment)| synced.get(key) != Some(&deployment.fingerprint))
                 .collect::<Vec<_>>();
-            synced.retain(|key, _| snapshot_has(snapshot, key));
             for (key, deployment) in &fresh {
                 synced.insert(key.clone(), deployment.fingerprint);
             }
@@ -606,13 +606,6 @@ impl Pool {
         };
         drop(dropped);
     }
-}
-
-fn snapshot_has(snapshot: &Snapshot, (app, version): &(String, String)) -> bool {
-    snapshot
-        .apps
-        .get(app.as_str())
-        .is_some_and(|app| app.versions.iter().any(|v| v.version.to_string() == *version))
 }
 
 enum Step {

@@ -284,17 +284,11 @@ impl IsTerminal for GuestLog {
 
 impl StdoutStream for GuestLog {
     fn p2_stream(&self) -> Box<dyn OutputStream> {
-        Box::new(LineWriter {
-            log: self.clone(),
-            pending: Vec::new(),
-        })
+        Box::new(LineWriter::new(self))
     }
 
     fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
-        Box::new(LineWriter {
-            log: self.clone(),
-            pending: Vec::new(),
-        })
+        Box::new(LineWriter::new(self))
     }
 }
 
@@ -306,6 +300,13 @@ struct LineWriter {
 }
 
 impl LineWriter {
+    fn new(log: &GuestLog) -> LineWriter {
+        LineWriter {
+            log: log.clone(),
+            pending: Vec::new(),
+        }
+    }
+
     fn push(&mut self, mut bytes: &[u8]) {
         while let Some(end) = bytes.iter().position(|&b| b == b'\n') {
             self.append(&bytes[..end]);
