@@ -254,10 +254,6 @@ impl Pool {
         &self.engine
     }
 
-    pub fn capacity(&self) -> usize {
-        self.shared.cap
-    }
-
     /// The pool's occupancy, read at one instant.
     pub fn stats(&self) -> PoolStats {
         let state = self.shared.lock();
