@@ -57,12 +57,18 @@ impl Read for BodyReader {
 /// app down instead of the body piling up in memory.
 pub struct BodyWriter {
     stream: Option<OutputStream>,
+    /// Whether bytes were written since the last flush (a small write flushes itself).
+    unflushed: bool,
 }
+
+/// The most `blocking-write-and-flush` takes in one call (the `wasi:io` contract).
+const SMALL_WRITE: usize = 4096;
 
 impl BodyWriter {
     pub(crate) fn new(body: &OutgoingBody) -> BodyWriter {
         BodyWriter {
             stream: body.write().ok(),
+            unflushed: false,
         }
     }
 
@@ -72,21 +78,41 @@ impl BodyWriter {
     }
 }
 
+fn stream_error(error: StreamError) -> io::Error {
+    match error {
+        StreamError::Closed => io::ErrorKind::BrokenPipe.into(),
+        StreamError::LastOperationFailed(error) => io::Error::other(error.to_debug_string()),
+    }
+}
+
 impl Write for BodyWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match &mut self.stream {
-            Some(stream) => match Write::write(stream, buf)? {
-                0 if !buf.is_empty() => Err(io::ErrorKind::BrokenPipe.into()),
-                n => Ok(n),
-            },
-            None => Err(io::Error::other("the response body was already taken")),
+        let Some(stream) = &mut self.stream else {
+            return Err(io::Error::other("the response body was already taken"));
+        };
+        // A small write goes in one host call that also waits for room; a large one asks how much fits first, so
+        // it moves in the host's (larger) chunks.
+        if buf.len() <= SMALL_WRITE {
+            stream.blocking_write_and_flush(buf).map_err(stream_error)?;
+            self.unflushed = false;
+            return Ok(buf.len());
+        }
+        match Write::write(stream, buf)? {
+            0 => Err(io::ErrorKind::BrokenPipe.into()),
+            n => {
+                self.unflushed = true;
+                Ok(n)
+            }
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
         match &mut self.stream {
-            Some(stream) => Write::flush(stream),
-            None => Ok(()),
+            Some(stream) if self.unflushed => {
+                self.unflushed = false;
+                stream.blocking_flush().map_err(stream_error)
+            }
+            _ => Ok(()),
         }
     }
 }

@@ -53,7 +53,14 @@ pub struct Request {
     query: Option<String>,
     headers: Vec<(String, Vec<u8>)>,
     params: BTreeMap<String, String>,
-    body: Option<BodyReader>,
+    body: RequestBody,
+}
+
+/// The request body: opened only when the app asks for it, so a handler that never reads it (most `GET`s) costs
+/// no calls to the host for it.
+enum RequestBody {
+    Unread(IncomingRequest),
+    Taken,
 }
 
 impl Request {
@@ -76,14 +83,13 @@ impl Request {
             None => (path_with_query, None),
         };
         let headers = request.headers().entries();
-        let body = request.consume().ok().and_then(BodyReader::new);
         Request {
             method,
             path,
             query,
             headers,
             params: BTreeMap::new(),
-            body,
+            body: RequestBody::Unread(request),
         }
     }
 
@@ -140,7 +146,10 @@ impl Request {
     /// The body as a stream (`std::io::Read`), to pass through without holding it in memory. `None` after the
     /// first call.
     pub fn take_body(&mut self) -> Option<BodyReader> {
-        self.body.take()
+        match std::mem::replace(&mut self.body, RequestBody::Taken) {
+            RequestBody::Unread(request) => request.consume().ok().and_then(BodyReader::new),
+            RequestBody::Taken => None,
+        }
     }
 
     /// The whole body, up to [`DEFAULT_BODY_LIMIT`] bytes; a larger body is an error response (413).
@@ -245,8 +254,11 @@ impl Response {
         }
         let fields = Fields::from_list(&headers).unwrap_or_else(|_| Fields::new());
         let response = OutgoingResponse::new(fields);
-        // Both calls only fail for an invalid status or a body taken twice: neither can happen here.
-        let _ = response.set_status_code(status);
+        // Both calls only fail for an invalid status or a body taken twice: neither can happen here. 200 is the
+        // default, which saves a call to the host on the common path.
+        if status != 200 {
+            let _ = response.set_status_code(status);
+        }
         let Ok(outgoing) = response.body() else {
             ResponseOutparam::set(out, Ok(response));
             return;
