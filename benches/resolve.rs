@@ -36,6 +36,7 @@ fn registry() -> Registry {
         entrypoint_path: PathBuf::from("/apps/x/index.html"),
         root: PathBuf::from("/apps/x"),
         fingerprint: 0,
+        proxy: Default::default(),
     };
     let mut snapshot = Snapshot::default();
     for i in 0..APPS {

@@ -92,6 +92,14 @@ async fn serve(
         )
             .into_response());
     }
+    // Proxy rules come before whatever the version runs: a matched request never reaches a worker.
+    let app_path = if rest.is_empty() { "/" } else { rest };
+    if let Some(matched) = deployment.proxy.find(app_path) {
+        return state
+            .upstreams
+            .forward(&matched, &format!("/{segment}"), app_path, request)
+            .await;
+    }
     match deployment.kind {
         AppKind::Static => {
             let method = request.method();

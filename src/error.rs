@@ -63,6 +63,18 @@ pub enum Error {
     #[error("the request body is larger than this app accepts ({limit} bytes)")]
     BodyTooLarge { limit: u64 },
 
+    /// A proxy rule's upstream could not be reached or broke the exchange (refused, DNS, TLS, reset).
+    #[error("{rule} could not reach {target}: {reason}")]
+    UpstreamFailed {
+        rule: String,
+        target: String,
+        reason: String,
+    },
+
+    /// A proxy rule's upstream did not answer within the rule's timeout.
+    #[error("{rule}: {target} did not answer within {secs}s")]
+    UpstreamTimeout { rule: String, target: String, secs: u64 },
+
     /// Requests arrived before the first scan of APPS_DIR finished.
     #[error("apps are still loading; retry shortly")]
     Loading,
@@ -103,7 +115,8 @@ impl Error {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Error::AppFailed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-            Error::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Error::Timeout { .. } | Error::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Error::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
             Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
@@ -123,6 +136,8 @@ impl Error {
             Error::AppFailed { .. } => "app_failed",
             Error::Timeout { .. } => "timeout",
             Error::PoolBusy(_) => "pool_busy",
+            Error::UpstreamFailed { .. } => "upstream_failed",
+            Error::UpstreamTimeout { .. } => "upstream_timeout",
             Error::BodyTooLarge { .. } => "body_too_large",
             Error::Loading => "loading",
             Error::NoRoute(_) => "no_route",
@@ -152,6 +167,10 @@ impl Error {
                 body["version"] = json!(version);
             }
             Error::BodyTooLarge { limit } => body["limit"] = json!(limit),
+            Error::UpstreamFailed { rule, target, .. } | Error::UpstreamTimeout { rule, target, .. } => {
+                body["rule"] = json!(rule);
+                body["target"] = json!(target);
+            }
             _ => {}
         }
         body

@@ -10,6 +10,7 @@
 //! - [`dispatch`]: splits `/<app>@<spec>/rest`, resolves the version, and hands the rest to what serves it.
 //! - [`registry`]: what is deployed: the scan of APPS_DIR, semver resolution, hot reload.
 //! - [`config`]: `worker.config.json`, its validation and its generated JSON schema.
+//! - [`proxy`]: a version's `proxy` rules: matched requests forwarded to upstreams, WebSocket tunnels.
 //! - [`static_files`]: static apps, with conditional and range requests, confined to their directory.
 //! - [`invoke`]: one request on a WASM worker: deadline, body limit, traps and timeouts as HTTP answers.
 //! - [`pool`]: the bounded pool of workers: the `POOL_SIZE` cap, warm reuse, LRU eviction, the wait queue.
@@ -30,6 +31,7 @@ pub mod invoke;
 pub mod lifecycle;
 pub mod logging;
 pub mod pool;
+pub mod proxy;
 pub mod registry;
 pub mod server;
 pub mod static_files;

@@ -12,18 +12,20 @@ use std::time::Duration;
 use axum::extract::Request;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::Router;
+use axum::{Extension, Router};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tower::Layer;
 
 use crate::engine::{Engine, EngineSettings};
 use crate::error::Error;
 use crate::lifecycle::Lifecycle;
 use crate::pool::{Pool, DEFAULT_POOL_SIZE, DEFAULT_QUEUE_LIMIT};
+use crate::proxy::Upstreams;
 use crate::registry::{Registry, Watcher};
 use crate::{access_log, dispatch, internal};
 
@@ -46,7 +48,12 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     pub lifecycle: Arc<Lifecycle>,
     pub pool: Arc<Pool>,
+    pub upstreams: Arc<Upstreams>,
 }
+
+/// The client's address, in every request's extensions (for `X-Forwarded-For`).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub std::net::SocketAddr);
 
 /// How `serve` runs: everything the CLI's flags decide.
 #[derive(Debug, Clone)]
@@ -141,7 +148,7 @@ pub async fn run(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        let service = TowerToHyperService::new(Layer::layer(&Extension(ClientAddr(peer)), app.clone()));
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
@@ -156,6 +163,8 @@ pub async fn run(
 
     state.lifecycle.set_draining();
     drop(listener);
+    // WebSocket tunnels are long-lived by design: close them rather than let them hold the drain open.
+    state.upstreams.close_tunnels();
     let open = graceful.count();
     tracing::info!(
         open_connections = open,
@@ -192,6 +201,7 @@ pub async fn serve(
         registry: Arc::new(Registry::new(options.apps_dir.clone())),
         lifecycle: Arc::new(Lifecycle::default()),
         pool: pool.clone(),
+        upstreams: Arc::new(Upstreams::new()),
     };
     let loader = {
         let state = state.clone();

@@ -41,6 +41,7 @@ fn state_in(phase: impl Fn(&Lifecycle)) -> AppState {
         registry: Arc::new(Registry::new(std::env::temp_dir())),
         lifecycle: Arc::new(lifecycle),
         pool: Arc::new(Pool::new(Arc::new(engine), 1, 0)),
+        upstreams: Arc::new(marina::proxy::Upstreams::new()),
     }
 }
 

@@ -47,6 +47,8 @@ pub struct Deployment {
     /// Changes whenever the entrypoint file (size, mtime) or the config changes, so that whatever was built from
     /// a deployment (a compiled component, warm workers) can tell it is out of date.
     pub fingerprint: u64,
+    /// The config's `proxy` rules, compiled: tried before the entrypoint sees a request.
+    pub proxy: crate::proxy::Rules,
 }
 
 /// One version directory of an app.

@@ -11,6 +11,7 @@ use semver::Version;
 
 use super::{App, AppKind, AppVersion, Deployment, Snapshot};
 use crate::config::{WorkerConfig, CONFIG_FILE};
+use crate::proxy::Rules;
 
 /// App names longer than this are skipped: they are path segments, and no real app needs more.
 pub const MAX_APP_NAME_LEN: usize = 128;
@@ -128,6 +129,8 @@ fn version_of_dir(name: &str) -> Option<Version> {
 /// (`worker.config.json: field …`).
 pub fn load_version(dir: &Path) -> Result<Deployment, String> {
     let config = WorkerConfig::load(dir).map_err(|e| format!("{CONFIG_FILE}: {e}"))?;
+    let proxy = Rules::compile(&config.proxy.0, config.timeout, &|name| std::env::var(name).ok())
+        .map_err(|e| format!("{CONFIG_FILE}: {e}"))?;
     let version_root = dir
         .canonicalize()
         .map_err(|e| format!("cannot open the version directory: {e}"))?;
@@ -152,6 +155,7 @@ pub fn load_version(dir: &Path) -> Result<Deployment, String> {
         entrypoint,
         entrypoint_path,
         root,
+        proxy,
     })
 }
 

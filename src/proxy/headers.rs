@@ -1,0 +1,216 @@
+//! What a proxy does to headers on the way through: hop-by-hop headers stop here, `X-Forwarded-*` and `Via` say
+//! who forwarded what, and redirects that point at the upstream are turned back into the client's URLs.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Version;
+
+use super::rules::Target;
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus `Proxy-Connection`, which old
+/// clients still send.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// The name this host gives itself in `Via`.
+const VIA_NAME: &str = "marina";
+
+/// Removes the hop-by-hop headers, and every header the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Appends `value` to a list-valued header (`a, b` + `c` -> `a, b, c`), or sets it.
+fn append_to_list(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    let joined = match headers
+        .get_all(&name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+    {
+        existing if existing.is_empty() => value.to_owned(),
+        existing => format!("{}, {value}", existing.join(", ")),
+    };
+    if let Ok(joined) = HeaderValue::from_str(&joined) {
+        headers.insert(name, joined);
+    }
+}
+
+/// `Via`'s protocol token for a message's version.
+fn via_version(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_09 => "0.9",
+        Version::HTTP_10 => "1.0",
+        Version::HTTP_2 => "2",
+        Version::HTTP_3 => "3",
+        _ => "1.1",
+    }
+}
+
+/// Adds this hop to `Via`, for a message that arrived as `version`.
+pub fn add_via(headers: &mut HeaderMap, version: Version) {
+    append_to_list(headers, header::VIA, &format!("{} {VIA_NAME}", via_version(version)));
+}
+
+/// What the forwarded request says about the client.
+pub struct Forwarded<'a> {
+    /// The client's address, or `None` when the connection has none (in-process tests).
+    pub client_ip: Option<std::net::IpAddr>,
+    /// `http` or `https`: how the client reached this host.
+    pub proto: &'a str,
+    /// The `Host` the client asked for.
+    pub host: Option<&'a str>,
+}
+
+/// Appends the client to `X-Forwarded-For`, `-Proto` and `-Host`.
+pub fn add_forwarded(headers: &mut HeaderMap, forwarded: &Forwarded<'_>) {
+    if let Some(ip) = forwarded.client_ip {
+        append_to_list(headers, HeaderName::from_static("x-forwarded-for"), &ip.to_string());
+    }
+    append_to_list(headers, HeaderName::from_static("x-forwarded-proto"), forwarded.proto);
+    if let Some(host) = forwarded.host {
+        append_to_list(headers, HeaderName::from_static("x-forwarded-host"), host);
+    }
+}
+
+/// Turns a `Location` that points at the upstream into the URL the client would use for the same thing.
+///
+/// `client_prefix` is what stands in front of a forwarded path on the client's side: the app's mount
+/// (`/app@1`) plus whatever part of the path the rule's rewrite cut off (`/api` for `^/api(/.*)` -> `$1`).
+/// Absolute URLs on the target's origin and absolute paths under the target's own path are rewritten; anything
+/// else (another host, a relative path) is left as it is.
+pub fn rewrite_location(headers: &mut HeaderMap, target: &Target, client_prefix: &str) {
+    let Some(location) = headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) else {
+        return;
+    };
+    let path = if location.starts_with('/') && !location.starts_with("//") {
+        Some(location)
+    } else {
+        let origin = target.origin();
+        location
+            .get(..origin.len())
+            .filter(|head| head.eq_ignore_ascii_case(&origin))
+            .map(|_| &location[origin.len()..])
+            .filter(|rest| rest.is_empty() || rest.starts_with(['/', '?', '#']))
+    };
+    let Some(path) = path else { return };
+    let Some(rest) = path.strip_prefix(target.prefix.as_str()) else {
+        return;
+    };
+    if !(rest.is_empty() || rest.starts_with(['/', '?', '#'])) {
+        return;
+    }
+    let rest = if rest.is_empty() || !rest.starts_with('/') {
+        format!("/{rest}")
+    } else {
+        rest.to_owned()
+    };
+    if let Ok(value) = HeaderValue::from_str(&format!("{client_prefix}{rest}")) {
+        headers.insert(header::LOCATION, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(url: &str) -> Target {
+        let uri: http::Uri = url.parse().unwrap();
+        Target {
+            scheme: uri.scheme().unwrap().clone(),
+            authority: uri.authority().unwrap().clone(),
+            prefix: uri.path().trim_end_matches('/').to_owned(),
+        }
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_names_are_removed() {
+        let mut map = headers(&[
+            ("connection", "keep-alive, X-Secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("proxy-authorization", "Basic x"),
+            ("x-kept", "yes"),
+        ]);
+        strip_hop_by_hop(&mut map);
+        assert_eq!(map.len(), 1, "{map:?}");
+        assert_eq!(map["x-kept"], "yes");
+    }
+
+    #[test]
+    fn forwarded_headers_and_via_are_appended_to_what_came_in() {
+        let mut map = headers(&[("x-forwarded-for", "10.0.0.1"), ("via", "1.0 edge")]);
+        add_forwarded(
+            &mut map,
+            &Forwarded {
+                client_ip: Some("127.0.0.1".parse().unwrap()),
+                proto: "http",
+                host: Some("example.test"),
+            },
+        );
+        add_via(&mut map, Version::HTTP_11);
+        assert_eq!(map["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+        assert_eq!(map["x-forwarded-proto"], "http");
+        assert_eq!(map["x-forwarded-host"], "example.test");
+        assert_eq!(map["via"], "1.0 edge, 1.1 marina");
+    }
+
+    #[test]
+    fn redirects_to_the_upstream_come_back_under_the_client_prefix() {
+        let cases = [
+            (
+                "http://up:8080/base",
+                "http://up:8080/base/login?x=1",
+                "/app@1/login?x=1",
+            ),
+            ("http://up:8080/base", "/base/login", "/app@1/login"),
+            ("http://up:8080/base", "http://UP:8080/base", "/app@1/"),
+            ("http://up:8080", "/login", "/app@1/login"),
+            ("http://up:8080/base", "/elsewhere", "/elsewhere"),
+            ("http://up:8080/base", "/basement", "/basement"),
+            ("http://up:8080", "http://other/login", "http://other/login"),
+            ("http://up:8080", "https://up:8080/login", "https://up:8080/login"),
+            ("http://up:8080", "//up:8080/x", "//up:8080/x"),
+            ("http://up:8080", "relative", "relative"),
+        ];
+        for (url, location, expected) in cases {
+            let mut map = headers(&[("location", location)]);
+            rewrite_location(&mut map, &target(url), "/app@1");
+            assert_eq!(map["location"], expected, "{url} {location}");
+        }
+    }
+}
