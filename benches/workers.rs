@@ -13,89 +13,20 @@
 //! `--bench` (as `cargo test --all-targets` does) it only checks that every scenario answers, without timing.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use marina::server::ServeOptions;
+mod harness;
+use harness::{start_marina, start_native, wrk, Load};
 
 // The test harness's guest builder: the benchmark runs the same component the tests do.
 #[path = "../tests/common/mod.rs"]
 mod common;
 use serde_json::json;
 
-/// Connections the load generator keeps open, as the targets are stated for.
-const CONNECTIONS: u32 = 64;
-/// The pool is sized so every connection can hold a warm worker: this measures the runtime, not queueing.
-const POOL_SIZE: usize = 64;
 /// First-request samples per cache state; the median is reported.
 const FIRST_REQUEST_SAMPLES: usize = 5;
-
-struct Running {
-    addr: SocketAddr,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Running {
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = self.task.await;
-    }
-}
-
-async fn start_native() -> Running {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let app = axum::Router::new().fallback(|| async {
-        (
-            [(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            "Hello from native\n",
-        )
-    });
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-    });
-    Running { addr, stop, task }
-}
-
-async fn start_marina(apps: &Path, cache_dir: Option<PathBuf>) -> Running {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let mut options = ServeOptions::new(apps);
-    options.pool_size = POOL_SIZE;
-    options.cache_dir = cache_dir;
-    options.drain_timeout = Duration::from_secs(5);
-    let task = tokio::spawn(async move {
-        marina::server::serve(listener, options, async move {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-    });
-    let running = Running { addr, stop, task };
-    let client = reqwest::Client::new();
-    while client
-        .get(running.url("/_/ready"))
-        .send()
-        .await
-        .map_or(true, |r| r.status() != 200)
-    {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    running
-}
 
 fn deploy(apps: &Path, app: &str, wasm: &Path, config: serde_json::Value) {
     let dir = apps.join(app).join("1.0.0");
@@ -110,52 +41,6 @@ fn deploy(apps: &Path, app: &str, wasm: &Path, config: serde_json::Value) {
     bytes.extend_from_slice(&section);
     std::fs::write(dir.join("app.wasm"), bytes).unwrap();
     std::fs::write(dir.join("worker.config.json"), config.to_string()).unwrap();
-}
-
-/// One wrk run's figures.
-struct Load {
-    rps: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-}
-
-fn wrk(url: &str, secs: u64) -> Load {
-    let output = Command::new("wrk")
-        .args([
-            "-t2",
-            &format!("-c{CONNECTIONS}"),
-            &format!("-d{secs}s"),
-            "--latency",
-            url,
-        ])
-        .output()
-        .expect("wrk is installed (apt-get install wrk)");
-    let text = String::from_utf8_lossy(&output.stdout);
-    assert!(!text.contains("Non-2xx"), "wrk saw errors:\n{text}");
-    let field = |prefix: &str| -> &str {
-        text.lines()
-            .map(str::trim)
-            .find_map(|line| line.strip_prefix(prefix))
-            .unwrap_or_else(|| panic!("no {prefix:?} in wrk output:\n{text}"))
-            .trim()
-    };
-    Load {
-        rps: field("Requests/sec:").parse().unwrap(),
-        p50_ms: millis(field("50%")),
-        p99_ms: millis(field("99%")),
-    }
-}
-
-fn millis(value: &str) -> f64 {
-    let split = value.find(|c: char| c.is_ascii_alphabetic()).unwrap();
-    let (number, unit) = value.split_at(split);
-    let number: f64 = number.parse().unwrap();
-    match unit {
-        "us" => number / 1000.0,
-        "ms" => number,
-        "s" => number * 1000.0,
-        other => panic!("unknown unit {other}"),
-    }
 }
 
 /// Times the first request to each of `count` never-loaded apps, on a server that was just started.
@@ -208,13 +93,6 @@ fn start_wasmtime_serve(component: &Path) -> Option<(std::process::Child, Socket
     Some((child, addr))
 }
 
-async fn smoke(url: &str) {
-    let client = reqwest::Client::new();
-    for _ in 0..50 {
-        assert_eq!(client.get(url).send().await.unwrap().status(), 200, "{url}");
-    }
-}
-
 fn main() {
     let benchmarking = std::env::args().any(|arg| arg == "--bench");
     let secs: u64 = std::env::var("BENCH_SECS")
@@ -258,7 +136,7 @@ fn main() {
         let urls: Vec<&String> = scenarios.iter().map(|(_, url)| url).collect();
         if !benchmarking {
             for url in &urls {
-                smoke(url).await;
+                harness::smoke(url).await;
             }
         } else {
             // Compile and warm up before measuring, then measure each scenario alone.

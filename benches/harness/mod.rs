@@ -1,0 +1,135 @@
+//! What the load benchmarks share: servers started in this process, and `wrk` runs read into numbers.
+#![allow(dead_code)] // each benchmark uses a different part of this module
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use marina::server::ServeOptions;
+
+/// Connections the load generator keeps open, as the targets are stated for.
+pub const CONNECTIONS: u32 = 64;
+/// The pool is sized so every connection can hold a warm worker: this measures the runtime, not queueing.
+pub const POOL_SIZE: usize = 64;
+
+/// A server running in this process until `stop`.
+pub struct Running {
+    pub addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+pub async fn start_native() -> Running {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let app = axum::Router::new().fallback(|| async {
+        (
+            [(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "Hello from native\n",
+        )
+    });
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+    });
+    Running { addr, stop, task }
+}
+
+pub async fn start_marina(apps: &Path, cache_dir: Option<PathBuf>) -> Running {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut options = ServeOptions::new(apps);
+    options.pool_size = POOL_SIZE;
+    options.cache_dir = cache_dir;
+    options.drain_timeout = Duration::from_secs(5);
+    let task = tokio::spawn(async move {
+        marina::server::serve(listener, options, async move {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    let running = Running { addr, stop, task };
+    let client = reqwest::Client::new();
+    while client
+        .get(running.url("/_/ready"))
+        .send()
+        .await
+        .map_or(true, |r| r.status() != 200)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    running
+}
+
+/// One wrk run's figures.
+pub struct Load {
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+pub fn wrk(url: &str, secs: u64) -> Load {
+    let output = Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{CONNECTIONS}"),
+            &format!("-d{secs}s"),
+            "--latency",
+            url,
+        ])
+        .output()
+        .expect("wrk is installed (apt-get install wrk)");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(!text.contains("Non-2xx"), "wrk saw errors:\n{text}");
+    let field = |prefix: &str| -> &str {
+        text.lines()
+            .map(str::trim)
+            .find_map(|line| line.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} in wrk output:\n{text}"))
+            .trim()
+    };
+    Load {
+        rps: field("Requests/sec:").parse().unwrap(),
+        p50_ms: millis(field("50%")),
+        p99_ms: millis(field("99%")),
+    }
+}
+
+fn millis(value: &str) -> f64 {
+    let split = value.find(|c: char| c.is_ascii_alphabetic()).unwrap();
+    let (number, unit) = value.split_at(split);
+    let number: f64 = number.parse().unwrap();
+    match unit {
+        "us" => number / 1000.0,
+        "ms" => number,
+        "s" => number * 1000.0,
+        other => panic!("unknown unit {other}"),
+    }
+}
+
+/// Checks that `url` answers 200, 50 times (what a benchmark does when run as a test).
+pub async fn smoke(url: &str) {
+    let client = reqwest::Client::new();
+    for _ in 0..50 {
+        assert_eq!(client.get(url).send().await.unwrap().status(), 200, "{url}");
+    }
+}

@@ -1,0 +1,129 @@
+//! Proxy rules under load: an upstream called directly, through a Marina proxy rule, and through nginx's
+//! `proxy_pass` with keep-alive upstream connections, all in the same run with the same load.
+//!
+//! `cargo bench --bench proxy` (needs `wrk`: `apt-get install wrk`; nginx is included when `NGINX` names its
+//! binary or `nginx` is on the PATH: `apt-get install nginx`). Each scenario is a `wrk -t2 -c64` run of
+//! `BENCH_SECS` (default 10). The upstream is an axum "hello" handler on a runtime of its own. Run without
+//! `--bench` (as `cargo test --all-targets` does) it only checks that every scenario answers.
+//!
+//! The comparison is not quite like for like, in nginx's favour: Marina also resolves the app's version, matches
+//! the rule's regex, and adds `X-Forwarded-For`, `-Proto`, `-Host` and `Via`, which this nginx config does not.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+mod harness;
+use harness::{start_marina, start_native, wrk, Load, CONNECTIONS};
+
+/// nginx serving `proxy_pass` to `upstream` with a keep-alive pool, as a child process, when there is an nginx.
+fn start_nginx(upstream: SocketAddr, dir: &Path) -> Option<(Child, SocketAddr)> {
+    let binary = std::env::var("NGINX").unwrap_or_else(|_| "nginx".into());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()?
+        .port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let d = dir.display();
+    let config = format!(
+        "daemon off;\nworker_processes auto;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+           upstream backend {{ server {upstream}; keepalive {CONNECTIONS}; }}\n\
+           server {{\n    listen {addr};\n    location / {{\n      proxy_pass http://backend;\n\
+               proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n"
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, config).ok()?;
+    let child = Command::new(binary)
+        .args(["-e", &format!("{d}/error.log"), "-p"])
+        .arg(dir)
+        .arg("-c")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Some((child, addr))
+}
+
+fn main() {
+    let benchmarking = std::env::args().any(|arg| arg == "--bench");
+    let secs: u64 = std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    // The upstream gets its own runtime, so that what is measured through Marina is Marina's share of the work.
+    let upstream_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let upstream = upstream_runtime.block_on(start_native());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let apps = tempfile::tempdir().unwrap();
+        let version = apps.path().join("api").join("1.0.0");
+        std::fs::create_dir_all(&version).unwrap();
+        std::fs::write(version.join("index.html"), "unproxied").unwrap();
+        let config = json!({"proxy": {"^/(.*)$": {"target": format!("http://{}", upstream.addr), "rewrite": "/$1"}}});
+        std::fs::write(version.join("worker.config.json"), config.to_string()).unwrap();
+        let marina = start_marina(apps.path(), None).await;
+        let nginx_dir = tempfile::tempdir().unwrap();
+        let nginx = start_nginx(upstream.addr, nginx_dir.path());
+
+        let mut scenarios = vec![
+            ("upstream, direct", upstream.url("/")),
+            ("through a Marina proxy rule", marina.url("/api/")),
+        ];
+        if let Some((_, addr)) = &nginx {
+            scenarios.push((
+                "through nginx `proxy_pass` (keep-alive upstream)",
+                format!("http://{addr}/"),
+            ));
+        }
+        if !benchmarking {
+            for (_, url) in &scenarios {
+                harness::smoke(url).await;
+            }
+        } else {
+            for (_, url) in &scenarios {
+                let _ = wrk(url, 1);
+            }
+            let results: Vec<Load> = scenarios.iter().map(|(_, url)| wrk(url, secs)).collect();
+            let direct = &results[0];
+            println!("| scenario | requests/s | vs direct | p50 | p99 | p99 added |");
+            println!("|---|---:|---:|---:|---:|---:|");
+            for ((name, _), load) in scenarios.iter().zip(&results) {
+                println!(
+                    "| {name} | {:.0} | {:.0}% | {:.2} ms | {:.2} ms | {:+.2} ms |",
+                    load.rps,
+                    100.0 * load.rps / direct.rps,
+                    load.p50_ms,
+                    load.p99_ms,
+                    load.p99_ms - direct.p99_ms
+                );
+            }
+        }
+        marina.stop().await;
+        if let Some((mut child, _)) = nginx {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    });
+    upstream_runtime.block_on(upstream.stop());
+}
