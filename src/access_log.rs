@@ -1,22 +1,17 @@
 //! One log line per request: method, path, app, version, status and duration.
 //!
-//! The dispatcher leaves the app and version that served a request in the response's extensions, so the line
-//! is written here, once, for every route, including errors.
+//! The dispatcher leaves the app and version that served a request in the response's extensions, so the server's
+//! outermost layer writes the line once, for every route, including errors.
 
 use std::time::Instant;
 
-use axum::extract::Request;
-use axum::middleware::Next;
+use axum::http::{Method, Version};
 use axum::response::Response;
 
 use crate::dispatch::Served;
 
-pub async fn log(request: Request, next: Next) -> Response {
-    let start = Instant::now();
-    let method = request.method().clone();
-    let path = request.uri().path().to_owned();
-    let http_version = request.version();
-    let response = next.run(request).await;
+/// Writes the access line for a response to a request that arrived at `start`.
+pub fn record(method: &Method, path: &str, http_version: Version, start: Instant, response: &Response) {
     let served = response.extensions().get::<Served>();
     tracing::info!(
         target: "marina::access",
@@ -29,5 +24,4 @@ pub async fn log(request: Request, next: Next) -> Response {
         http = ?http_version,
         "request"
     );
-    response
 }

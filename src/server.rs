@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::Request;
 use axum::middleware::{self, Next};
@@ -90,21 +90,29 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(internal::routes())
         .fallback(dispatch::handle)
-        .layer(middleware::from_fn(reject_long_uri))
-        .layer(middleware::from_fn(access_log::log))
+        .layer(middleware::from_fn(edge))
         .with_state(state)
 }
 
-async fn reject_long_uri(request: Request, next: Next) -> Response {
+/// What every request goes through, in one layer (each layer costs every request): targets over the length
+/// limit are refused, and every response gets its access line.
+async fn edge(request: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let http_version = request.version();
     let len = request.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
-    if len > MAX_URI_BYTES {
-        return Error::UriTooLong {
+    let response = if len > MAX_URI_BYTES {
+        Error::UriTooLong {
             len,
             limit: MAX_URI_BYTES,
         }
-        .into_response();
-    }
-    next.run(request).await
+        .into_response()
+    } else {
+        next.run(request).await
+    };
+    access_log::record(&method, &path, http_version, start, &response);
+    response
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves, then drains: readiness turns 503, the listener closes,
