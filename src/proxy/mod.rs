@@ -111,6 +111,7 @@ impl Upstreams {
             &mut headers,
             &headers::Forwarded {
                 client_ip,
+                // The front server speaks plain HTTP (h1 and h2c); TLS termination, when it comes, sets this.
                 proto: "http",
                 host: client_host.as_deref(),
             },
