@@ -12,7 +12,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -48,22 +48,11 @@ fn start_nginx(upstream: SocketAddr, dir: &Path) -> Option<(Child, SocketAddr)> 
         .stderr(Stdio::null())
         .spawn()
         .ok()?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(addr).is_err() {
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Some((child, addr))
+    harness::when_listening(child, addr, Duration::from_secs(10))
 }
 
 fn main() {
-    let benchmarking = std::env::args().any(|arg| arg == "--bench");
-    let secs: u64 = std::env::var("BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
+    let (benchmarking, secs) = harness::settings();
     // The upstream gets its own runtime, so that what is measured through Marina is Marina's share of the work.
     let upstream_runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

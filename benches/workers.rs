@@ -70,12 +70,7 @@ fn median(mut samples: Vec<f64>) -> f64 {
 /// the reference host. Returns the child and the address it listens on.
 fn start_wasmtime_serve(component: &Path) -> Option<(std::process::Child, SocketAddr)> {
     let binary = std::env::var("WASMTIME").unwrap_or_else(|_| "wasmtime".into());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .ok()?
-        .local_addr()
-        .ok()?
-        .port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = harness::free_addr()?;
     let child = Command::new(binary)
         .args(["serve", "-Scli", "--addr", &addr.to_string()])
         .arg(component)
@@ -83,22 +78,11 @@ fn start_wasmtime_serve(component: &Path) -> Option<(std::process::Child, Socket
         .stderr(std::process::Stdio::null())
         .spawn()
         .ok()?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(addr).is_err() {
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Some((child, addr))
+    harness::when_listening(child, addr, Duration::from_secs(30))
 }
 
 fn main() {
-    let benchmarking = std::env::args().any(|arg| arg == "--bench");
-    let secs: u64 = std::env::var("BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
+    let (benchmarking, secs) = harness::settings();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

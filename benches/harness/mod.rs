@@ -133,3 +133,37 @@ pub async fn smoke(url: &str) {
         assert_eq!(client.get(url).send().await.unwrap().status(), 200, "{url}");
     }
 }
+
+/// Whether this is a timed run (`cargo bench` passes `--bench`) and how long each wrk run lasts (`BENCH_SECS`,
+/// default 10).
+pub fn settings() -> (bool, u64) {
+    let benchmarking = std::env::args().any(|arg| arg == "--bench");
+    let secs = std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    (benchmarking, secs)
+}
+
+/// A free port on 127.0.0.1, for a child process to listen on.
+pub fn free_addr() -> Option<SocketAddr> {
+    std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()
+}
+
+/// `child` once it accepts connections on `addr`; `None` (and the child killed) if it does not within `limit`.
+pub fn when_listening(
+    mut child: std::process::Child,
+    addr: SocketAddr,
+    limit: Duration,
+) -> Option<(std::process::Child, SocketAddr)> {
+    let deadline = std::time::Instant::now() + limit;
+    while std::net::TcpStream::connect(addr).is_err() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Some((child, addr))
+}
