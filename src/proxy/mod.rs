@@ -136,14 +136,15 @@ impl Upstreams {
             headers.append(name, value.clone());
         }
 
-        let client_prefix = client_prefix(mount, app_path, &matched.path);
+        // Only a redirect needs it.
+        let prefix = || client_prefix(mount, app_path, &matched.path);
         if let Some(client_upgrade) = client_upgrade {
             let tunnel = websocket::Tunnel {
                 rule,
                 uri,
                 headers,
                 client_upgrade,
-                client_prefix: &client_prefix,
+                client_prefix: &prefix,
             };
             return tunnel.open(self).await;
         }
@@ -156,7 +157,7 @@ impl Upstreams {
         let response = within(rule, client.request(upstream))
             .await?
             .map_err(|e| failed(rule, error_chain(&e)))?;
-        Ok(client_response(rule, response, &client_prefix))
+        Ok(client_response(rule, response, &prefix))
     }
 }
 
@@ -214,11 +215,17 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 
 /// The upstream's response as the client gets it: hop-by-hop headers dropped, `Via` added, redirects to the
 /// upstream rewritten, the body streamed (and cut if the upstream stalls longer than the rule's timeout).
-fn client_response(rule: &Rule, response: http::Response<hyper::body::Incoming>, client_prefix: &str) -> Response {
+fn client_response(
+    rule: &Rule,
+    response: http::Response<hyper::body::Incoming>,
+    client_prefix: &(dyn Fn() -> String + Sync),
+) -> Response {
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     headers::add_via(&mut parts.headers, parts.version);
-    headers::rewrite_location(&mut parts.headers, &rule.target, client_prefix);
+    if parts.headers.contains_key(header::LOCATION) {
+        headers::rewrite_location(&mut parts.headers, &rule.target, &client_prefix());
+    }
     parts.version = http::Version::HTTP_11;
     let body = match rule.timeout {
         Some(limit) => Body::new(tower_http::timeout::TimeoutBody::new(limit, body)),

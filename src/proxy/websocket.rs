@@ -40,7 +40,8 @@ pub struct Tunnel<'a> {
     /// The request headers as forwarded (hop-by-hop ones already removed).
     pub headers: HeaderMap,
     pub client_upgrade: OnUpgrade,
-    pub client_prefix: &'a str,
+    /// The client's side of a forwarded path, for redirects (see `client_prefix`).
+    pub client_prefix: &'a (dyn Fn() -> String + Sync),
 }
 
 impl Tunnel<'_> {
