@@ -68,15 +68,14 @@ async fn serve(
         version: version.version.to_string(),
         reason: reason.clone(),
     })?;
-    let wasm = deployment.kind == AppKind::Wasm;
-    let runtime = wasm.then(|| state.pool.runtime(&served.app, &served.version, deployment));
+    let runtime = || state.pool.runtime(&served.app, &served.version, deployment);
     if rest == "/health" {
-        if let Some(runtime) = &runtime {
+        if deployment.kind == AppKind::Wasm {
             // Healthy means a worker can actually be had: compiled, instantiated, within the cap.
             let deadline = arrived + HEALTH_TIMEOUT;
             let lease = state
                 .pool
-                .acquire(runtime, Some(deadline))
+                .acquire(&runtime(), Some(deadline))
                 .await
                 .map_err(|error| Error::WorkerFailed {
                     app: resolved.app.name.clone(),
@@ -108,13 +107,9 @@ async fn serve(
                 let query = request.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
                 return Ok(permanent_redirect(&format!("/{segment}/{query}")));
             }
-            let path = if rest.is_empty() { "/" } else { rest };
-            static_files::serve(deployment, path, method, request.headers()).await
+            static_files::serve(deployment, app_path, method, request.headers()).await
         }
-        AppKind::Wasm => {
-            let runtime = runtime.expect("made above for wasm deployments");
-            crate::invoke::invoke(&state.pool, runtime, app_request(request), arrived).await
-        }
+        AppKind::Wasm => crate::invoke::invoke(&state.pool, runtime(), app_request(request), arrived).await,
     }
 }
 
