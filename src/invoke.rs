@@ -40,7 +40,8 @@ pub async fn invoke(
     mut request: http::Request<Body>,
     arrived: Instant,
 ) -> Result<Response, Error> {
-    let identity = runtime.identity.clone();
+    // Only error answers need the names, so they are cloned there, not on every request.
+    let identity = &runtime.identity;
     let config = &runtime.deployment.config;
     let limit = config.max_body_size;
     if let Some(length) = content_length(&request) {
@@ -134,8 +135,8 @@ pub async fn invoke(
                 return Err(Error::BodyTooLarge { limit });
             }
             Err(Error::AppFailed {
-                app: identity.app,
-                version: identity.version,
+                app: identity.app.clone(),
+                version: identity.version.clone(),
                 reason: format!("the app answered with an error: {code:?}"),
             })
         }
@@ -149,18 +150,18 @@ pub async fn invoke(
             }
             Err(match outcome {
                 Outcome::TimedOut => Error::Timeout {
-                    app: identity.app,
-                    version: identity.version,
+                    app: identity.app.clone(),
+                    version: identity.version.clone(),
                     secs: runtime.deployment.config.timeout,
                 },
                 Outcome::Trapped(message) => Error::AppFailed {
-                    app: identity.app,
-                    version: identity.version,
+                    app: identity.app.clone(),
+                    version: identity.version.clone(),
                     reason: first_line(&message),
                 },
                 Outcome::Returned => Error::AppFailed {
-                    app: identity.app,
-                    version: identity.version,
+                    app: identity.app.clone(),
+                    version: identity.version.clone(),
                     reason: "the app returned without setting a response".into(),
                 },
             })
