@@ -38,10 +38,6 @@ pub struct Target {
 }
 
 impl Target {
-    pub fn is_https(&self) -> bool {
-        self.scheme == http::uri::Scheme::HTTPS
-    }
-
     /// The origin as a browser writes it, for `Origin` with `changeOrigin`.
     pub fn origin(&self) -> String {
         format!("{}://{}", self.scheme, self.authority)
@@ -85,10 +81,6 @@ impl Rules {
             .map(|(index, rule)| compile_rule(index, rule, app_timeout, env))
             .collect::<Result<Vec<_>, _>>()
             .map(Rules)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
     }
 
     /// The first rule whose pattern matches `path` (the path the app sees, without the query), and the path to
