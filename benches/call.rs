@@ -57,6 +57,7 @@ struct Subject {
     loaded: Loaded,
     deployment: Deployment,
     identity: Identity,
+    workers: std::sync::Arc<marina::metrics::workers::WorkerTable>,
     _dir: tempfile::TempDir,
 }
 
@@ -80,6 +81,7 @@ impl Subject {
                 app: example.into(),
                 version: "1.0.0".into(),
             },
+            workers: Default::default(),
             _dir: dir,
         }
     }
@@ -91,6 +93,7 @@ impl Subject {
             &self.deployment,
             &self.identity,
             None,
+            &self.workers,
         )
         .await
         .unwrap()

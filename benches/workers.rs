@@ -8,6 +8,8 @@
 //! - marina's own `/_/health` route, to separate the host's HTTP stack from the worker;
 //! - `wasmtime serve -Scli` on the same component, when `WASMTIME` names a wasmtime binary (or one is on the PATH);
 //!
+//! then what request metrics cost: the warm scenario on two servers, one with `--no-request-metrics`, in
+//! alternating runs (the machine's drift hits both alike), plus the recording's own cost per request in-process;
 //! then the first request to a never-loaded version, timed from the client, with an empty compile cache and again
 //! after a restart with the cache filled. `BENCH_SECS` sets each wrk run's length (default 10). Run without
 //! `--bench` (as `cargo test --all-targets` does) it only checks that every scenario answers, without timing.
@@ -18,7 +20,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod harness;
-use harness::{start_marina, start_native, wrk, Load};
+use harness::{start_marina, start_marina_with, start_native, wrk, Load};
 
 // The test harness's guest builder: the benchmark runs the same component the tests do.
 #[path = "../tests/common/mod.rs"]
@@ -27,6 +29,10 @@ use serde_json::json;
 
 /// First-request samples per cache state; the median is reported.
 const FIRST_REQUEST_SAMPLES: usize = 5;
+/// Alternating runs per side when comparing metrics on and off; the median of each side is reported.
+const METRICS_ROUNDS: usize = 5;
+/// Responses observed in-process to time the recording alone.
+const RECORDINGS: u32 = 1_000_000;
 
 fn deploy(apps: &Path, app: &str, wasm: &Path, config: serde_json::Value) {
     let dir = apps.join(app).join("1.0.0");
@@ -143,6 +149,7 @@ fn main() {
         }
         marina.stop().await;
         native.stop().await;
+        metrics_cost(apps.path(), benchmarking, secs).await;
         if let Some((mut child, _)) = wasmtime {
             let _ = child.kill();
             let _ = child.wait();
@@ -162,4 +169,100 @@ fn main() {
             }
         }
     });
+}
+
+/// Warm `hello` with request metrics on and off, in alternating wrk runs, and the recording's cost in-process.
+async fn metrics_cost(apps: &Path, benchmarking: bool, secs: u64) {
+    let on = start_marina(apps, None).await;
+    let off = start_marina_with(apps, |options| options.request_metrics = false).await;
+    let (on_url, off_url) = (on.url("/warm/"), off.url("/warm/"));
+    if !benchmarking {
+        harness::smoke(&on_url).await;
+        harness::smoke(&off_url).await;
+    } else {
+        let _ = (wrk(&on_url, 1), wrk(&off_url, 1));
+        let (mut with, mut without) = (Vec::new(), Vec::new());
+        for _ in 0..METRICS_ROUNDS {
+            with.push(wrk(&on_url, secs));
+            without.push(wrk(&off_url, secs));
+        }
+        let rate = |loads: &[Load]| median(loads.iter().map(|l| l.rps).collect());
+        let p99 = |loads: &[Load]| median(loads.iter().map(|l| l.p99_ms).collect());
+        let runs = |loads: &[Load]| {
+            loads
+                .iter()
+                .map(|l| format!("{:.0}", l.rps))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!();
+        println!("| warm hello, median of {METRICS_ROUNDS} alternating runs | requests/s | p99 | runs (requests/s) |");
+        println!("|---|---:|---:|---|");
+        println!(
+            "| request metrics on | {:.0} | {:.2} ms | {} |",
+            rate(&with),
+            p99(&with),
+            runs(&with)
+        );
+        println!(
+            "| request metrics off | {:.0} | {:.2} ms | {} |",
+            rate(&without),
+            p99(&without),
+            runs(&without)
+        );
+        println!("| on / off | {:.1}% | | |", 100.0 * rate(&with) / rate(&without));
+    }
+    let metrics = on_metrics(&on).await;
+    on.stop().await;
+    off.stop().await;
+    if benchmarking {
+        let (per_request, snapshot) = metrics;
+        println!();
+        println!("recording one response in-process (count + time to body end): {per_request:.0} ns");
+        println!("one GET /_/stats on that server (snapshot + JSON + the HTTP round trip): {snapshot:.1} us");
+    }
+}
+
+/// Nanoseconds to count and time one response (in-process, against building and dropping the same response
+/// without), and microseconds per `GET /_/stats` on `server`.
+async fn on_metrics(server: &harness::Running) -> (f64, f64) {
+    use marina::metrics::Metrics;
+    let engine = marina::engine::Engine::new(&marina::engine::EngineSettings {
+        pool_size: 1,
+        cache_dir: None,
+    })
+    .unwrap();
+    let pool = std::sync::Arc::new(marina::pool::Pool::new(std::sync::Arc::new(engine), 1, 0));
+    let metrics = Metrics::new(pool, true);
+    let version = semver::Version::new(1, 0, 0);
+    let served = marina::dispatch::Served {
+        stats: metrics.app("hello", &version),
+    };
+    let respond = || {
+        let mut response = axum::response::Response::new(axum::body::Body::from("Hello"));
+        response.extensions_mut().insert(served.clone());
+        response
+    };
+    let started = Instant::now();
+    for _ in 0..RECORDINGS {
+        drop(metrics.observe(Instant::now(), respond()));
+    }
+    let observed = started.elapsed();
+    let started = Instant::now();
+    for _ in 0..RECORDINGS {
+        drop(std::hint::black_box(respond()));
+    }
+    let bare = started.elapsed();
+    let per_request = observed.saturating_sub(bare).as_nanos() as f64 / f64::from(RECORDINGS);
+    // The running server's own snapshot, with its apps and warm workers.
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let rounds = 200;
+    for _ in 0..rounds {
+        let response = client.get(server.url("/_/stats")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let _ = response.bytes().await.unwrap();
+    }
+    let stats_us = started.elapsed().as_secs_f64() * 1e6 / f64::from(rounds);
+    (per_request, stats_us)
 }

@@ -90,6 +90,9 @@ pub struct ServeArgs {
     /// How long a shutdown waits for in-flight requests (`30s`, `500ms`, or seconds).
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = DEFAULT_SHUTDOWN_TIMEOUT, value_parser = parse_shutdown_timeout)]
     pub shutdown_timeout: Duration,
+    /// Do not count or time requests (pool metrics stay); only for measuring what request metrics cost.
+    #[arg(long, env = "NO_REQUEST_METRICS")]
+    pub no_request_metrics: bool,
 }
 
 fn parse_pool_size(text: &str) -> Result<usize, String> {
@@ -141,6 +144,7 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub log_filter: tracing_subscriber::EnvFilter,
     pub shutdown_timeout: Duration,
+    pub request_metrics: bool,
 }
 
 impl ServeArgs {
@@ -167,6 +171,7 @@ impl ServeArgs {
             log_format: self.log_format,
             log_filter,
             shutdown_timeout: self.shutdown_timeout,
+            request_metrics: !self.no_request_metrics,
         })
     }
 }
@@ -229,6 +234,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             cache_dir: settings.cache_dir,
             precompile: settings.precompile,
             drain_timeout: settings.shutdown_timeout,
+            request_metrics: settings.request_metrics,
         };
         match crate::server::serve(listener, options, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,

@@ -7,8 +7,11 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 
+use std::sync::Arc;
+
 use crate::error::Error;
 use crate::lifecycle::Phase;
+use crate::metrics::AppStats;
 use crate::registry::{AppKind, Resolved};
 use crate::server::AppState;
 use crate::static_files;
@@ -19,38 +22,45 @@ pub const BASE_HEADER: &str = "x-marina-base";
 /// How long `/<app>@<spec>/health` waits for a worker before answering 503.
 pub const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// The app and version that served a response, left in its extensions for the access log.
-#[derive(Debug, Clone)]
+/// The app version a response came from (the unrouted counters when it named none), left in its extensions for
+/// the access log and the metrics.
+#[derive(Clone)]
 pub struct Served {
-    pub app: String,
-    pub version: String,
+    pub stats: Arc<AppStats>,
 }
 
 /// The fallback handler: every request that is not an internal route.
 pub async fn handle(State(state): State<AppState>, request: Request) -> Response {
     let arrived = std::time::Instant::now();
+    let (served, result) = route(&state, request, arrived).await;
+    let mut response = result.unwrap_or_else(IntoResponse::into_response);
+    response.extensions_mut().insert(served);
+    response
+}
+
+async fn route(state: &AppState, request: Request, arrived: std::time::Instant) -> (Served, Result<Response, Error>) {
+    let unrouted = || Served {
+        stats: state.metrics.unrouted(),
+    };
     if state.lifecycle.phase() == Phase::Loading {
-        return Error::Loading.into_response();
+        return (unrouted(), Err(Error::Loading));
     }
     let path = request.uri().path();
     let (segment, rest) = split_mount(path);
     if segment.is_empty() {
-        return Error::NoRoute("name an app in the path: /<app>[@<version>]/...".into()).into_response();
+        let error = Error::NoRoute("name an app in the path: /<app>[@<version>]/...".into());
+        return (unrouted(), Err(error));
     }
     let resolved = match state.registry.snapshot().resolve(segment) {
         Ok(resolved) => resolved,
-        Err(error) => return error.into_response(),
+        Err(error) => return (unrouted(), Err(error)),
     };
     let served = Served {
-        app: resolved.app.name.clone(),
-        version: resolved.version.version.to_string(),
+        stats: state.metrics.app(&resolved.app.name, &resolved.version.version),
     };
     let (segment, rest) = (segment.to_owned(), rest.to_owned());
-    let mut response = serve(&state, &resolved, &served, &segment, &rest, request, arrived)
-        .await
-        .unwrap_or_else(IntoResponse::into_response);
-    response.extensions_mut().insert(served);
-    response
+    let result = serve(state, &resolved, &served, &segment, &rest, request, arrived).await;
+    (served, result)
 }
 
 async fn serve(
@@ -68,7 +78,7 @@ async fn serve(
         version: version.version.to_string(),
         reason: reason.clone(),
     })?;
-    let runtime = || state.pool.runtime(&served.app, &served.version, deployment);
+    let runtime = || state.pool.runtime(&served.stats.app, &served.stats.version, deployment);
     if rest == "/health" {
         if deployment.kind == AppKind::Wasm {
             // Healthy means a worker can actually be had: compiled, instantiated, within the cap.

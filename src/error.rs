@@ -95,6 +95,10 @@ pub enum Error {
     #[error("the requested range is outside the file's {len} bytes")]
     RangeNotSatisfiable { len: u64 },
 
+    /// A query parameter of an internal route has a value it cannot take.
+    #[error("{0}")]
+    BadQuery(String),
+
     /// The request target is longer than the server accepts.
     #[error("the request path is {len} bytes long; the limit is {limit}")]
     UriTooLong { len: usize, limit: usize },
@@ -110,7 +114,7 @@ impl Error {
             Error::AppNotFound { .. } | Error::VersionNotFound { .. } | Error::NoRoute(_) | Error::FileNotFound(_) => {
                 StatusCode::NOT_FOUND
             }
-            Error::BadSpec(_) => StatusCode::BAD_REQUEST,
+            Error::BadSpec(_) | Error::BadQuery(_) => StatusCode::BAD_REQUEST,
             Error::InvalidVersion { .. } | Error::WorkerFailed { .. } | Error::PoolBusy(_) | Error::Loading => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -144,6 +148,7 @@ impl Error {
             Error::FileNotFound(_) => "not_found",
             Error::MethodNotAllowed(_) => "method_not_allowed",
             Error::RangeNotSatisfiable { .. } => "range_not_satisfiable",
+            Error::BadQuery(_) => "bad_query",
             Error::UriTooLong { .. } => "uri_too_long",
             Error::Internal(_) => "internal",
         }

@@ -1,16 +1,19 @@
-//! The host's own routes under `/_/`: liveness, readiness and the deployment listing.
+//! The host's own routes under `/_/`: liveness, readiness, the deployment listing, metrics and the dashboard.
 //!
 //! App names cannot start with `_`, so these can never shadow an app.
 
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::{Json, Router};
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::Error;
 use crate::lifecycle::Phase;
+use crate::metrics;
 use crate::registry::{App, AppVersion};
 use crate::server::AppState;
 
@@ -23,31 +26,102 @@ pub fn routes() -> Router<AppState> {
         .route("/_/ready", get(ready))
         .route("/_/deployments", get(deployments))
         .route("/_/metrics", get(metrics))
+        .route("/_/stats", get(stats))
+        .route("/_/sse", get(sse))
+        .route("/_/dashboard", get(dashboard))
         .route("/_", any(no_route))
         .route("/_/", any(no_route))
         .route("/_/{*rest}", any(no_route))
 }
 
-/// The worker pool's numbers (Buntime's key names where they exist). Issue 4 grows this into the full set.
-async fn metrics(State(state): State<AppState>) -> Json<Value> {
-    let pool = state.pool.stats();
-    let counters = &state.pool.counters;
-    let load = |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed);
-    Json(json!({
-        "poolSize": pool.capacity,
-        "activeWorkers": pool.live,
-        "busyWorkers": pool.live - pool.idle,
-        "idleWorkers": pool.idle,
-        "peakWorkers": pool.peak,
-        "queueDepth": pool.queued,
-        "queueRejected": load(&counters.queue_rejected),
-        "evictions": load(&counters.evictions),
-        "hits": load(&counters.hits),
-        "misses": load(&counters.misses),
-        "totalWorkersCreated": load(&counters.created),
-        "pooling": state.pool.engine().is_pooling(),
-    }))
+/// `/_/metrics`: JSON, or Prometheus text when the query or the `Accept` header asks for it.
+async fn metrics(
+    State(state): State<AppState>,
+    query: Result<Query<MetricsQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    let format = query.map_err(|e| Error::BadQuery(e.body_text()))?.0.format;
+    let prometheus = match format.as_deref() {
+        Some("prometheus") => true,
+        Some("json") => false,
+        Some(other) => {
+            return Err(Error::BadQuery(format!(
+                "format must be \"json\" or \"prometheus\", not {other:?}"
+            )))
+        }
+        None => prefers_prometheus(headers.get(header::ACCEPT)),
+    };
+    let snapshot = state.metrics.snapshot();
+    Ok(if prometheus {
+        let text = metrics::prometheus::encode(&snapshot);
+        ([(header::CONTENT_TYPE, metrics::prometheus::CONTENT_TYPE)], text).into_response()
+    } else {
+        Json(metrics::report::metrics(&snapshot)).into_response()
+    })
 }
+
+#[derive(Debug, Deserialize)]
+struct MetricsQuery {
+    format: Option<String>,
+}
+
+/// Whether `Accept` ranks Prometheus's formats (`text/plain`, `application/openmetrics-text`) above JSON. A
+/// missing header, `*/*` and browsers' defaults get JSON.
+fn prefers_prometheus(accept: Option<&HeaderValue>) -> bool {
+    let Some(accept) = accept.and_then(|value| value.to_str().ok()) else {
+        return false;
+    };
+    let (mut text, mut json) = (0.0f32, 0.0f32);
+    for range in accept.split(',') {
+        let mut params = range.split(';');
+        let media = params.next().unwrap_or("").trim().to_ascii_lowercase();
+        let q = params
+            .filter_map(|param| param.trim().strip_prefix("q="))
+            .find_map(|q| q.trim().parse::<f32>().ok())
+            .unwrap_or(1.0);
+        match media.as_str() {
+            "text/plain" | "application/openmetrics-text" => text = text.max(q),
+            "application/json" | "application/*" | "*/*" => json = json.max(q),
+            _ => {}
+        }
+    }
+    text > json
+}
+
+/// `/_/stats`: the metrics, each app version and each worker. Reading it changes nothing.
+async fn stats(State(state): State<AppState>) -> Json<Value> {
+    Json(metrics::report::stats(&state.metrics.snapshot()))
+}
+
+/// `/_/sse`: the stats every `interval` seconds as server-sent events.
+async fn sse(State(state): State<AppState>, query: Result<Query<SseQuery>, QueryRejection>) -> Result<Response, Error> {
+    let query = query.map_err(|e| Error::BadQuery(e.body_text()))?.0;
+    let every = metrics::sse::interval(query.interval.as_deref())?;
+    Ok(metrics::sse::stream(&state.metrics, every))
+}
+
+#[derive(Debug, Deserialize)]
+struct SseQuery {
+    interval: Option<String>,
+}
+
+/// `/_/dashboard`: one self-contained page (its script and styles inline; nothing loaded from elsewhere).
+async fn dashboard() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'",
+            ),
+        ],
+        DASHBOARD,
+    )
+        .into_response()
+}
+
+const DASHBOARD: &str = include_str!("metrics/dashboard.html");
 
 /// Liveness: the process answers.
 async fn health() -> Json<Value> {
@@ -96,5 +170,8 @@ fn version_json(version: &AppVersion) -> Value {
 }
 
 async fn no_route() -> Error {
-    Error::NoRoute("no such internal route; see /_/health, /_/ready, /_/deployments".into())
+    Error::NoRoute(
+        "no such internal route; see /_/health, /_/ready, /_/deployments, /_/metrics, /_/stats, /_/sse, /_/dashboard"
+            .into(),
+    )
 }

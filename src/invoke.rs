@@ -112,6 +112,18 @@ pub async fn invoke(
                 "the worker trapped; it is discarded: {message}"
             ),
         }
+        let counters = &task_pool.counters;
+        match &outcome {
+            Outcome::Returned => {}
+            Outcome::TimedOut => {
+                counters.timeouts.fetch_add(1, Ordering::Relaxed);
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::Trapped(_) => {
+                counters.traps.fetch_add(1, Ordering::Relaxed);
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         task_pool.release(lease, matches!(outcome, Outcome::Returned));
         outcome
     });

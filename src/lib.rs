@@ -6,7 +6,8 @@
 //! - [`cli`]: the `marina` command (`serve`, `check`, `schema`); settings are validated before anything binds.
 //! - [`server`]: the accept loop (HTTP/1.1 and h2c on one port, limits, graceful drain) and the router.
 //! - [`access_log`]: one structured log line per request.
-//! - [`internal`]: the host's own routes under `/_/` (health, readiness, deployments).
+//! - [`internal`]: the host's own routes under `/_/` (health, readiness, deployments, metrics, the dashboard).
+//! - [`metrics`]: request and pool counters, latency histograms, the JSON/Prometheus/SSE views of them.
 //! - [`dispatch`]: splits `/<app>@<spec>/rest`, resolves the version, and hands the rest to what serves it.
 //! - [`registry`]: what is deployed: the scan of APPS_DIR, semver resolution, hot reload.
 //! - [`config`]: `worker.config.json`, its validation and its generated JSON schema.
@@ -30,6 +31,7 @@ pub mod internal;
 pub mod invoke;
 pub mod lifecycle;
 pub mod logging;
+pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod registry;

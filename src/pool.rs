@@ -17,6 +17,7 @@ use lru::LruCache;
 use tokio::sync::{oneshot, OnceCell};
 
 use crate::engine::{Engine, Loaded};
+use crate::metrics::workers::WorkerTable;
 use crate::registry::{Deployment, Snapshot};
 use crate::worker::{Identity, Worker};
 
@@ -125,7 +126,7 @@ pub struct PoolStats {
     pub peak: usize,
 }
 
-/// Counters kept by the pool.
+/// Counters kept by the pool (and, for how requests on its workers ended, by [`crate::invoke`]).
 #[derive(Debug, Default)]
 pub struct PoolCounters {
     pub created: AtomicU64,
@@ -133,6 +134,39 @@ pub struct PoolCounters {
     pub misses: AtomicU64,
     pub evictions: AtomicU64,
     pub queue_rejected: AtomicU64,
+    /// Workers that could not be instantiated, or were discarded after a trap or a timeout.
+    pub failed: AtomicU64,
+    pub timeouts: AtomicU64,
+    pub traps: AtomicU64,
+}
+
+/// [`PoolCounters`] read at one moment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PoolCounts {
+    pub created: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+    pub queue_rejected: u64,
+    pub failed: u64,
+    pub timeouts: u64,
+    pub traps: u64,
+}
+
+impl PoolCounters {
+    pub fn read(&self) -> PoolCounts {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        PoolCounts {
+            created: load(&self.created),
+            hits: load(&self.hits),
+            misses: load(&self.misses),
+            evictions: load(&self.evictions),
+            queue_rejected: load(&self.queue_rejected),
+            failed: load(&self.failed),
+            timeouts: load(&self.timeouts),
+            traps: load(&self.traps),
+        }
+    }
 }
 
 /// The pool, shared by every request.
@@ -145,6 +179,7 @@ pub struct Pool {
     synced: Mutex<HashMap<(String, String), u64>>,
     next_runtime_key: AtomicU64,
     pub counters: Arc<PoolCounters>,
+    workers: Arc<WorkerTable>,
 }
 
 struct Shared {
@@ -247,11 +282,17 @@ impl Pool {
             synced: Mutex::new(HashMap::new()),
             next_runtime_key: AtomicU64::new(1),
             counters: Arc::default(),
+            workers: Arc::default(),
         }
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
+    }
+
+    /// Every live worker's status.
+    pub fn workers(&self) -> &Arc<WorkerTable> {
+        &self.workers
     }
 
     /// The pool's occupancy, read at one instant.
@@ -471,6 +512,7 @@ impl Pool {
     /// Lends a warm worker: a hit.
     fn warm(&self, idle: Idle) -> Lease {
         self.counters.hits.fetch_add(1, Ordering::Relaxed);
+        idle.worker.status.lent();
         Lease {
             worker: idle.worker,
             runtime: idle.runtime,
@@ -485,16 +527,21 @@ impl Pool {
         deadline: Option<Instant>,
     ) -> Result<Lease, AcquireError> {
         self.counters.misses.fetch_add(1, Ordering::Relaxed);
-        let loaded = runtime.loaded(&self.engine).await.map_err(AcquireError::Instantiate)?;
+        let failed = |reason: String| {
+            self.counters.failed.fetch_add(1, Ordering::Relaxed);
+            AcquireError::Instantiate(reason)
+        };
+        let loaded = runtime.loaded(&self.engine).await.map_err(failed)?;
         let worker = Worker::new(
             self.engine.wasmtime(),
             &loaded.pre,
             &runtime.deployment,
             &runtime.identity,
             deadline,
+            &self.workers,
         )
         .await
-        .map_err(|e| AcquireError::Instantiate(format!("{e:#}")))?;
+        .map_err(|e| failed(format!("{e:#}")))?;
         self.counters.created.fetch_add(1, Ordering::Relaxed);
         Ok(Lease {
             worker,
@@ -514,6 +561,7 @@ impl Pool {
         let now = Instant::now();
         worker.served += 1;
         worker.last_used = now;
+        worker.status.finished(worker.served, now);
         if !(healthy && runtime.may_reuse(&worker, now)) {
             drop(worker);
             drop(slot);

@@ -9,7 +9,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::Request;
+use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Router};
@@ -24,6 +24,7 @@ use tower::Layer;
 use crate::engine::{Engine, EngineSettings};
 use crate::error::Error;
 use crate::lifecycle::Lifecycle;
+use crate::metrics::Metrics;
 use crate::pool::{Pool, DEFAULT_POOL_SIZE, DEFAULT_QUEUE_LIMIT};
 use crate::proxy::Upstreams;
 use crate::registry::{Registry, Watcher};
@@ -49,6 +50,7 @@ pub struct AppState {
     pub lifecycle: Arc<Lifecycle>,
     pub pool: Arc<Pool>,
     pub upstreams: Arc<Upstreams>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// The client's address, in every request's extensions (for `X-Forwarded-For`).
@@ -69,6 +71,8 @@ pub struct ServeOptions {
     pub precompile: bool,
     /// How long in-flight requests may take to finish at shutdown.
     pub drain_timeout: Duration,
+    /// Count and time every request (off only to measure what that costs; pool metrics are always kept).
+    pub request_metrics: bool,
 }
 
 impl ServeOptions {
@@ -81,6 +85,7 @@ impl ServeOptions {
             cache_dir: None,
             precompile: false,
             drain_timeout: Duration::from_secs(30),
+            request_metrics: true,
         }
     }
 }
@@ -90,13 +95,13 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(internal::routes())
         .fallback(dispatch::handle)
-        .layer(middleware::from_fn(edge))
+        .layer(middleware::from_fn_with_state(state.clone(), edge))
         .with_state(state)
 }
 
 /// What every request goes through, in one layer (each layer costs every request): targets over the length
-/// limit are refused, and every response gets its access line.
-async fn edge(request: Request, next: Next) -> Response {
+/// limit are refused, every response gets its access line, and responses from apps are counted and timed.
+async fn edge(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
@@ -112,7 +117,7 @@ async fn edge(request: Request, next: Next) -> Response {
         next.run(request).await
     };
     access_log::record(&method, &path, http_version, start, &response);
-    response
+    state.metrics.observe(start, response)
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves, then drains: readiness turns 503, the listener closes,
@@ -171,8 +176,9 @@ pub async fn run(
 
     state.lifecycle.set_draining();
     drop(listener);
-    // WebSocket tunnels are long-lived by design: close them rather than let them hold the drain open.
+    // WebSocket tunnels and SSE streams are long-lived by design: end them rather than let them hold the drain open.
     state.upstreams.close_tunnels();
+    state.metrics.close();
     let open = graceful.count();
     tracing::info!(
         open_connections = open,
@@ -205,11 +211,14 @@ pub async fn serve(
     .map_err(|e| std::io::Error::other(format!("cannot start the WebAssembly engine: {e:#}")))?;
     let pool = Arc::new(Pool::new(Arc::new(engine), options.pool_size, options.queue_limit));
     pool.spawn_reaper();
+    let metrics = Arc::new(Metrics::new(pool.clone(), options.request_metrics));
+    metrics.spawn_sampler();
     let state = AppState {
         registry: Arc::new(Registry::new(options.apps_dir.clone())),
         lifecycle: Arc::new(Lifecycle::default()),
         pool: pool.clone(),
         upstreams: Arc::new(Upstreams::new()),
+        metrics,
     };
     let loader = {
         let state = state.clone();

@@ -7,17 +7,19 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use wasmtime::component::ResourceTable;
-use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
+use wasmtime::{Store, StoreLimitsBuilder, UpdateDeadline};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
+use crate::metrics::workers::{MeteredLimits, Registration, WorkerStatus, WorkerTable};
 use crate::registry::Deployment;
 
 /// The longest guest output line logged whole; longer lines are cut, so one line cannot hold much memory.
@@ -41,7 +43,7 @@ pub struct WorkerState {
     http: WasiHttpCtx,
     table: ResourceTable,
     hooks: OutboundPolicy,
-    limits: StoreLimits,
+    limits: MeteredLimits,
     /// When the current request must end; the epoch callback traps past it.
     pub deadline: Option<Instant>,
     /// Set by the epoch callback when it interrupts the guest for its deadline.
@@ -76,6 +78,9 @@ pub struct Worker {
     pub created: Instant,
     pub last_used: Instant,
     pub served: u64,
+    /// What the stats see of this worker; listed in the pool's table while `_listed` lives.
+    pub status: Arc<WorkerStatus>,
+    _listed: Registration,
 }
 
 impl Worker {
@@ -86,8 +91,11 @@ impl Worker {
         deployment: &Deployment,
         identity: &Identity,
         deadline: Option<Instant>,
+        table: &Arc<WorkerTable>,
     ) -> anyhow::Result<Worker> {
         let config = &deployment.config;
+        let id = NEXT_WORKER_ID.fetch_add(1, Ordering::Relaxed);
+        let status = Arc::new(WorkerStatus::new(id, identity.clone(), Instant::now()));
         let log_budget = std::sync::Arc::new(LogBudget::default());
         let mut wasi = WasiCtx::builder();
         for (name, value) in &config.env {
@@ -107,7 +115,10 @@ impl Worker {
                 allowed: config.allowed_outbound_hosts.clone(),
                 identity: identity.clone(),
             },
-            limits: StoreLimitsBuilder::new().memory_size(memory_cap).build(),
+            limits: MeteredLimits {
+                limits: StoreLimitsBuilder::new().memory_size(memory_cap).build(),
+                status: status.clone(),
+            },
             // The request's deadline covers instantiation too: a component whose start never returns traps.
             deadline,
             timed_out: false,
@@ -133,10 +144,12 @@ impl Worker {
         Ok(Worker {
             store,
             proxy,
-            id: NEXT_WORKER_ID.fetch_add(1, Ordering::Relaxed),
+            id,
             created: now,
             last_used: now,
             served: 0,
+            _listed: table.register(status.clone()),
+            status,
         })
     }
 

@@ -37,10 +37,12 @@ fn state_in(phase: impl Fn(&Lifecycle)) -> AppState {
         cache_dir: None,
     })
     .unwrap();
+    let pool = Arc::new(Pool::new(Arc::new(engine), 1, 0));
     AppState {
         registry: Arc::new(Registry::new(std::env::temp_dir())),
         lifecycle: Arc::new(lifecycle),
-        pool: Arc::new(Pool::new(Arc::new(engine), 1, 0)),
+        metrics: Arc::new(marina::metrics::Metrics::new(pool.clone(), true)),
+        pool,
         upstreams: Arc::new(marina::proxy::Upstreams::new()),
     }
 }

@@ -53,13 +53,19 @@ pub async fn start_native() -> Running {
 }
 
 pub async fn start_marina(apps: &Path, cache_dir: Option<PathBuf>) -> Running {
+    start_marina_with(apps, |options| options.cache_dir = cache_dir).await
+}
+
+/// Marina with the benchmarks' pool size, and whatever else `adjust` sets.
+pub async fn start_marina_with(apps: &Path, adjust: impl FnOnce(&mut ServeOptions)) -> Running {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let mut options = ServeOptions::new(apps);
     options.pool_size = POOL_SIZE;
-    options.cache_dir = cache_dir;
+    options.cache_dir = None;
     options.drain_timeout = Duration::from_secs(5);
+    adjust(&mut options);
     let task = tokio::spawn(async move {
         marina::server::serve(listener, options, async move {
             let _ = stopped.await;

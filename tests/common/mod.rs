@@ -104,7 +104,12 @@ impl TestServer {
 
     /// The server with the given options (pool size, queue limit, cache ...).
     pub async fn start_with(options: marina::server::ServeOptions) -> TestServer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        TestServer::start_on("127.0.0.1:0".parse().unwrap(), options).await
+    }
+
+    /// The server on a given address (a restart on the same port, for clients that reconnect).
+    pub async fn start_on(addr: SocketAddr, options: marina::server::ServeOptions) -> TestServer {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let shutdown = async move {

@@ -1,0 +1,401 @@
+//! The numbers behind `/_/metrics`, `/_/stats`, `/_/sse` and the dashboard, kept in one place.
+//!
+//! Requests are counted per app version (status codes and a latency histogram, all atomics, found through a
+//! lock-free map), the pool keeps its own counters, and each worker carries its status. A [`Snapshot`] reads all
+//! of them at once; the JSON, the Prometheus text and every SSE frame are rendered from a snapshot, so they cannot
+//! disagree. Once a second the sampler keeps the running totals, so rates and percentiles cover the last
+//! [`WINDOW`] rather than the server's whole life, and (only while someone listens) builds the one snapshot that
+//! every SSE subscriber is sent.
+
+pub mod histogram;
+pub mod prometheus;
+pub mod report;
+pub mod sse;
+pub mod workers;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use axum::response::Response;
+use http::StatusCode;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::dispatch::Served;
+use crate::pool::{Pool, PoolCounts, PoolStats};
+use histogram::{Counts, Histogram};
+use workers::WorkerReading;
+
+/// Rates and latency percentiles cover this much of the recent past.
+pub const WINDOW: Duration = Duration::from_secs(10);
+/// How often the totals are sampled for the window, and SSE frames built.
+pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Status codes are counted for 100..=599; anything else (never sent by hyper) counts as 599.
+const STATUS_CODES: usize = 500;
+
+/// One app version's request counters.
+pub struct AppStats {
+    pub app: String,
+    pub version: String,
+    statuses: Box<[AtomicU64]>,
+    latency: Histogram,
+}
+
+impl AppStats {
+    fn new(app: String, version: String) -> AppStats {
+        AppStats {
+            app,
+            version,
+            statuses: (0..STATUS_CODES).map(|_| AtomicU64::new(0)).collect(),
+            latency: Histogram::default(),
+        }
+    }
+
+    fn count(&self, status: StatusCode) {
+        let index = usize::from(status.as_u16().clamp(100, 599) - 100);
+        self.statuses[index].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn read(&self) -> AppReading {
+        let statuses = self
+            .statuses
+            .iter()
+            .enumerate()
+            .filter_map(|(i, count)| {
+                let count = count.load(Ordering::Relaxed);
+                (count > 0).then(|| (i as u16 + 100, count))
+            })
+            .collect();
+        AppReading {
+            app: self.app.clone(),
+            version: self.version.clone(),
+            statuses,
+            latency: self.latency.counts(),
+        }
+    }
+}
+
+/// One app version's counters, read at one moment. `app` and `version` are empty for requests that named no
+/// deployed app.
+#[derive(Debug, Clone)]
+pub struct AppReading {
+    pub app: String,
+    pub version: String,
+    /// (status, responses), for each status sent at least once, in order.
+    pub statuses: Vec<(u16, u64)>,
+    pub latency: Counts,
+}
+
+impl AppReading {
+    pub fn key(&self) -> String {
+        format!("{}@{}", self.app, self.version)
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.statuses.iter().map(|(_, count)| count).sum()
+    }
+
+    /// Responses the server failed (5xx); client errors (4xx) are the client's.
+    pub fn errors(&self) -> u64 {
+        self.statuses
+            .iter()
+            .filter(|(status, _)| *status >= 500)
+            .map(|(_, count)| count)
+            .sum()
+    }
+}
+
+/// What changed over the window, for one app version or for all.
+#[derive(Debug, Clone, Default)]
+pub struct Recent {
+    pub requests: u64,
+    pub errors: u64,
+    pub latency: Counts,
+}
+
+impl Recent {
+    fn between(now: &AppReading, then: Option<&Recent>) -> Recent {
+        let zero = Recent::default();
+        let then = then.unwrap_or(&zero);
+        Recent {
+            requests: now.requests().saturating_sub(then.requests),
+            errors: now.errors().saturating_sub(then.errors),
+            latency: now.latency.since(&then.latency),
+        }
+    }
+
+    fn add(&mut self, other: &Recent) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.latency.add(&other.latency);
+    }
+}
+
+/// Everything the metrics report, read at one moment.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub uptime: Duration,
+    pub pool: PoolStats,
+    pub counters: PoolCounts,
+    pub pooling: bool,
+    /// Every app version that served a request, by key; the unrouted requests last, with an empty key.
+    pub apps: Vec<AppReading>,
+    /// Per app key, what happened within the window.
+    pub recent: HashMap<String, Recent>,
+    /// How long the window actually is (a little over [`WINDOW`], or the uptime while shorter).
+    pub window: Duration,
+    pub workers: Vec<WorkerReading>,
+    pub sse_clients: usize,
+    pub sse_snapshots: u64,
+}
+
+impl Snapshot {
+    /// All apps' counters together.
+    pub fn total(&self) -> (u64, u64) {
+        let requests = self.apps.iter().map(AppReading::requests).sum();
+        let errors = self.apps.iter().map(AppReading::errors).sum();
+        (requests, errors)
+    }
+
+    /// All apps' window together.
+    pub fn recent_total(&self) -> Recent {
+        let mut total = Recent::default();
+        for recent in self.recent.values() {
+            total.add(recent);
+        }
+        total
+    }
+}
+
+/// The running totals at one tick, the start of some later window.
+struct Sample {
+    at: Instant,
+    apps: HashMap<String, Recent>,
+}
+
+/// The latest SSE frame's contents: built once per tick, shared by every subscriber.
+#[derive(Debug, Clone)]
+pub struct Update {
+    pub seq: u64,
+    pub json: Arc<str>,
+}
+
+type AppTable = HashMap<String, HashMap<semver::Version, Arc<AppStats>>>;
+
+/// The one source of truth for request and pool metrics.
+pub struct Metrics {
+    started: Instant,
+    pool: Arc<Pool>,
+    /// Whether requests are counted and timed (the pool's own counters always are).
+    requests_on: bool,
+    apps: ArcSwap<AppTable>,
+    adding: Mutex<()>,
+    unrouted: Arc<AppStats>,
+    samples: Mutex<VecDeque<Sample>>,
+    updates: watch::Sender<Update>,
+    closing: CancellationToken,
+    snapshots: AtomicU64,
+}
+
+impl Metrics {
+    /// Metrics for `pool`; with `requests_on` false, requests go uncounted (for measuring what counting costs).
+    pub fn new(pool: Arc<Pool>, requests_on: bool) -> Metrics {
+        let started = Instant::now();
+        let (updates, _) = watch::channel(Update {
+            seq: 0,
+            json: Arc::from("{}"),
+        });
+        Metrics {
+            started,
+            pool,
+            requests_on,
+            apps: ArcSwap::default(),
+            adding: Mutex::new(()),
+            unrouted: Arc::new(AppStats::new(String::new(), String::new())),
+            samples: Mutex::new(VecDeque::from([Sample {
+                at: started,
+                apps: HashMap::new(),
+            }])),
+            updates,
+            closing: CancellationToken::new(),
+            snapshots: AtomicU64::new(0),
+        }
+    }
+
+    /// The counters of one app version, made on its first request. Lock-free once made.
+    pub fn app(&self, app: &str, version: &semver::Version) -> Arc<AppStats> {
+        if let Some(stats) = self.apps.load().get(app).and_then(|versions| versions.get(version)) {
+            return stats.clone();
+        }
+        let _adding = self.adding.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.apps.load_full();
+        if let Some(stats) = current.get(app).and_then(|versions| versions.get(version)) {
+            return stats.clone();
+        }
+        let stats = Arc::new(AppStats::new(app.to_owned(), version.to_string()));
+        let mut table = (*current).clone();
+        table
+            .entry(app.to_owned())
+            .or_default()
+            .insert(version.clone(), stats.clone());
+        self.apps.store(Arc::new(table));
+        stats
+    }
+
+    /// The counters of requests that named no deployed app.
+    pub fn unrouted(&self) -> Arc<AppStats> {
+        self.unrouted.clone()
+    }
+
+    /// Counts a response to an app (one the dispatcher marked [`Served`]) and times it to the end of its body.
+    pub fn observe(&self, start: Instant, response: Response) -> Response {
+        if !self.requests_on {
+            return response;
+        }
+        let Some(served) = response.extensions().get::<Served>() else {
+            return response;
+        };
+        let stats = served.stats.clone();
+        stats.count(response.status());
+        response.map(|inner| axum::body::Body::new(Timed { inner, start, stats }))
+    }
+
+    fn read_apps(&self) -> Vec<AppReading> {
+        let table = self.apps.load();
+        let mut apps: Vec<AppReading> = table
+            .values()
+            .flat_map(|versions| versions.values().map(|stats| stats.read()))
+            .collect();
+        apps.sort_by(|a, b| (&a.app, &a.version).cmp(&(&b.app, &b.version)));
+        apps.push(self.unrouted.read());
+        apps
+    }
+
+    /// Reads everything at once. Has no side effects.
+    pub fn snapshot(&self) -> Snapshot {
+        let now = Instant::now();
+        let apps = self.read_apps();
+        let (recent, window) = {
+            let samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+            let start = samples.front().expect("the first sample is never removed alone");
+            let recent = apps
+                .iter()
+                .map(|reading| {
+                    let key = reading.key();
+                    let recent = Recent::between(reading, start.apps.get(&key));
+                    (key, recent)
+                })
+                .collect();
+            (recent, now.saturating_duration_since(start.at))
+        };
+        Snapshot {
+            uptime: now.saturating_duration_since(self.started),
+            pool: self.pool.stats(),
+            counters: self.pool.counters.read(),
+            pooling: self.pool.engine().is_pooling(),
+            apps,
+            recent,
+            window,
+            workers: self.pool.workers().read(now),
+            sse_clients: self.updates.receiver_count(),
+            sse_snapshots: self.snapshots.load(Ordering::Relaxed),
+        }
+    }
+
+    /// One sampler tick: keep the running totals for the window, and build the SSE frame if anyone listens.
+    fn tick(&self) {
+        let now = Instant::now();
+        let apps = self
+            .read_apps()
+            .into_iter()
+            .map(|reading| {
+                let recent = Recent::between(&reading, None);
+                (reading.key(), recent)
+            })
+            .collect();
+        {
+            let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+            samples.push_back(Sample { at: now, apps });
+            // Keep the newest sample that is at least a window old: it starts the current window.
+            while samples.len() > 1 && samples[1].at + WINDOW <= now {
+                samples.pop_front();
+            }
+        }
+        if self.updates.receiver_count() > 0 {
+            self.snapshots.fetch_add(1, Ordering::Relaxed);
+            let json = report::stats(&self.snapshot()).to_string();
+            let seq = self.updates.borrow().seq + 1;
+            self.updates.send_replace(Update {
+                seq,
+                json: Arc::from(json),
+            });
+        }
+    }
+
+    /// Samples every [`SAMPLE_INTERVAL`] for as long as the metrics live.
+    pub fn spawn_sampler(self: &Arc<Self>) {
+        let metrics = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + SAMPLE_INTERVAL, SAMPLE_INTERVAL);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let Some(metrics) = metrics.upgrade() else { break };
+                metrics.tick();
+            }
+        });
+    }
+
+    /// A new SSE subscriber's view of the frames.
+    pub fn subscribe(&self) -> watch::Receiver<Update> {
+        self.updates.subscribe()
+    }
+
+    /// Cancelled when the server starts draining: long-lived streams end then.
+    pub fn closing(&self) -> CancellationToken {
+        self.closing.clone()
+    }
+
+    /// Ends every SSE stream (at the start of a drain, so they do not hold it open).
+    pub fn close(&self) {
+        self.closing.cancel();
+    }
+}
+
+/// A response body that records its request's latency when it is done with: sent to the end, or dropped because
+/// the client went away.
+struct Timed {
+    inner: axum::body::Body,
+    start: Instant,
+    stats: Arc<AppStats>,
+}
+
+impl Drop for Timed {
+    fn drop(&mut self) {
+        self.stats.latency.record(self.start.elapsed());
+    }
+}
+
+impl http_body::Body for Timed {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

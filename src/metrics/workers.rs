@@ -1,0 +1,227 @@
+//! What `/_/stats` shows of each live worker, readable while a request owns the worker.
+//!
+//! A busy worker's store belongs to the task running its request, so the stats cannot ask the store. Instead each
+//! worker carries a [`WorkerStatus`] of relaxed atomics that the pool updates as the worker is lent and given back,
+//! and that the store's resource limiter updates as the guest's memory grows. The [`WorkerTable`] lists them; a
+//! worker is in it from its creation until it is dropped.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use wasmtime::{ResourceLimiter, StoreLimits};
+
+use crate::worker::Identity;
+
+/// One worker, as the stats see it.
+#[derive(Debug)]
+pub struct WorkerStatus {
+    pub id: u64,
+    pub identity: Identity,
+    pub created: Instant,
+    busy: AtomicBool,
+    requests: AtomicU64,
+    /// When it last finished a request, in microseconds after `created` (0: never).
+    last_used_us: AtomicU64,
+    /// Linear memory the guest holds, in bytes.
+    memory_bytes: AtomicU64,
+}
+
+/// A worker's status read at one moment.
+#[derive(Debug, Clone)]
+pub struct WorkerReading {
+    pub id: u64,
+    pub app: String,
+    pub version: String,
+    pub busy: bool,
+    pub age_ms: u64,
+    pub idle_ms: u64,
+    pub requests: u64,
+    pub memory_bytes: u64,
+}
+
+impl WorkerStatus {
+    pub fn new(id: u64, identity: Identity, created: Instant) -> WorkerStatus {
+        WorkerStatus {
+            id,
+            identity,
+            created,
+            busy: AtomicBool::new(true),
+            requests: AtomicU64::new(0),
+            last_used_us: AtomicU64::new(0),
+            memory_bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// The worker was lent to a request.
+    pub fn lent(&self) {
+        self.busy.store(true, Ordering::Relaxed);
+    }
+
+    /// The worker finished a request (`served` in all) at `now`.
+    pub fn finished(&self, served: u64, now: Instant) {
+        self.requests.store(served, Ordering::Relaxed);
+        let since = now.saturating_duration_since(self.created).as_micros();
+        self.last_used_us
+            .store(u64::try_from(since).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.busy.store(false, Ordering::Relaxed);
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn read(&self, now: Instant) -> WorkerReading {
+        let age = now.saturating_duration_since(self.created);
+        let busy = self.busy.load(Ordering::Relaxed);
+        let last_used_us = self.last_used_us.load(Ordering::Relaxed);
+        let idle_ms = if busy {
+            0
+        } else {
+            (age.as_micros() as u64).saturating_sub(last_used_us) / 1000
+        };
+        WorkerReading {
+            id: self.id,
+            app: self.identity.app.clone(),
+            version: self.identity.version.clone(),
+            busy,
+            age_ms: age.as_millis() as u64,
+            idle_ms,
+            requests: self.requests.load(Ordering::Relaxed),
+            memory_bytes: self.memory_bytes(),
+        }
+    }
+}
+
+/// Every live worker's status.
+#[derive(Debug, Default)]
+pub struct WorkerTable {
+    workers: Mutex<HashMap<u64, Arc<WorkerStatus>>>,
+}
+
+impl WorkerTable {
+    /// Lists `status` until the returned registration is dropped (with its worker).
+    pub fn register(self: &Arc<Self>, status: Arc<WorkerStatus>) -> Registration {
+        let id = status.id;
+        self.lock().insert(id, status);
+        Registration {
+            table: self.clone(),
+            id,
+        }
+    }
+
+    /// Every live worker, by id.
+    pub fn read(&self, now: Instant) -> Vec<WorkerReading> {
+        let mut readings: Vec<WorkerReading> = self.lock().values().map(|status| status.read(now)).collect();
+        readings.sort_by_key(|reading| reading.id);
+        readings
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<WorkerStatus>>> {
+        self.workers.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// A worker's place in the [`WorkerTable`]; dropping it takes the worker off the list.
+#[derive(Debug)]
+pub struct Registration {
+    table: Arc<WorkerTable>,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.table.lock().remove(&self.id);
+    }
+}
+
+/// The store's resource limiter: the memory cap, plus a running count of the linear memory it allowed.
+pub struct MeteredLimits {
+    pub limits: StoreLimits,
+    pub status: Arc<WorkerStatus>,
+}
+
+impl ResourceLimiter for MeteredLimits {
+    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let allowed = self.limits.memory_growing(current, desired, maximum)?;
+        if allowed {
+            let grown = desired.saturating_sub(current) as u64;
+            self.status.memory_bytes.fetch_add(grown, Ordering::Relaxed);
+        }
+        Ok(allowed)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        // The growth was counted when it was allowed; it did not happen after all.
+        self.limits.memory_grow_failed(error)
+    }
+
+    fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.limits.table_grow_failed(error)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(id: u64) -> Arc<WorkerStatus> {
+        let identity = Identity {
+            app: "hello".into(),
+            version: "1.0.0".into(),
+        };
+        Arc::new(WorkerStatus::new(id, identity, Instant::now()))
+    }
+
+    #[test]
+    fn a_worker_is_listed_until_its_registration_drops() {
+        let table = Arc::new(WorkerTable::default());
+        let first = table.register(status(2));
+        let second = table.register(status(1));
+        let ids: Vec<u64> = table.read(Instant::now()).iter().map(|w| w.id).collect();
+        assert_eq!(ids, [1, 2]);
+        drop(first);
+        drop(second);
+        assert!(table.read(Instant::now()).is_empty());
+    }
+
+    #[test]
+    fn an_idle_worker_reports_how_long_since_its_last_request() {
+        let status = status(1);
+        let later = status.created + std::time::Duration::from_millis(300);
+        assert_eq!(status.read(later).idle_ms, 0, "busy from creation");
+        status.finished(1, status.created + std::time::Duration::from_millis(100));
+        let reading = status.read(later);
+        assert!(!reading.busy);
+        assert_eq!((reading.age_ms, reading.idle_ms, reading.requests), (300, 200, 1));
+    }
+
+    #[test]
+    fn allowed_memory_growth_is_counted_and_refused_growth_is_not() {
+        let status = status(1);
+        let mut limits = MeteredLimits {
+            limits: wasmtime::StoreLimitsBuilder::new().memory_size(1 << 20).build(),
+            status: status.clone(),
+        };
+        assert!(limits.memory_growing(0, 65536, None).unwrap());
+        assert!(!limits.memory_growing(65536, 2 << 20, None).unwrap());
+        assert_eq!(status.memory_bytes(), 65536);
+    }
+}
