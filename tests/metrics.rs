@@ -387,9 +387,11 @@ impl Subscriber {
                 let text: String = self.buffer.drain(..end + 2).collect();
                 return Some(parse_frame(text.trim_end_matches('\n')));
             }
-            let chunk = tokio::time::timeout(Duration::from_secs(10), self.body.next())
+            // Longer than the keep-alive interval: an open stream sends something within it.
+            let limit = marina::metrics::sse::KEEP_ALIVE + Duration::from_secs(5);
+            let chunk = tokio::time::timeout(limit, self.body.next())
                 .await
-                .expect("a frame within 10 s")?
+                .expect("a frame or a keep-alive within the keep-alive interval")?
                 .ok()?;
             self.buffer.push_str(std::str::from_utf8(&chunk).unwrap());
         }
