@@ -212,7 +212,7 @@ async fn metrics_cost(apps: &Path, benchmarking: bool, secs: u64) {
         );
         println!("| on / off | {:.1}% | | |", 100.0 * rate(&with) / rate(&without));
     }
-    let metrics = on_metrics(&on).await;
+    let metrics = recording_cost(&on).await;
     on.stop().await;
     off.stop().await;
     if benchmarking {
@@ -225,7 +225,7 @@ async fn metrics_cost(apps: &Path, benchmarking: bool, secs: u64) {
 
 /// Nanoseconds to count and time one response (in-process, against building and dropping the same response
 /// without), and microseconds per `GET /_/stats` on `server`.
-async fn on_metrics(server: &harness::Running) -> (f64, f64) {
+async fn recording_cost(server: &harness::Running) -> (f64, f64) {
     use marina::metrics::Metrics;
     let engine = marina::engine::Engine::new(&marina::engine::EngineSettings {
         pool_size: 1,

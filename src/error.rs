@@ -75,6 +75,10 @@ pub enum Error {
     #[error("{rule}: {target} did not answer within {secs}s")]
     UpstreamTimeout { rule: String, target: String, secs: u64 },
 
+    /// As many `/_/sse` streams are open as the server allows.
+    #[error("{limit} metrics streams are already open; retry later")]
+    TooManyStreams { limit: usize },
+
     /// Requests arrived before the first scan of APPS_DIR finished.
     #[error("apps are still loading; retry shortly")]
     Loading,
@@ -115,9 +119,11 @@ impl Error {
                 StatusCode::NOT_FOUND
             }
             Error::BadSpec(_) | Error::BadQuery(_) => StatusCode::BAD_REQUEST,
-            Error::InvalidVersion { .. } | Error::WorkerFailed { .. } | Error::PoolBusy(_) | Error::Loading => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Error::InvalidVersion { .. }
+            | Error::WorkerFailed { .. }
+            | Error::PoolBusy(_)
+            | Error::Loading
+            | Error::TooManyStreams { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::AppFailed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             Error::Timeout { .. } | Error::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Error::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
@@ -144,6 +150,7 @@ impl Error {
             Error::UpstreamTimeout { .. } => "upstream_timeout",
             Error::BodyTooLarge { .. } => "body_too_large",
             Error::Loading => "loading",
+            Error::TooManyStreams { .. } => "too_many_streams",
             Error::NoRoute(_) => "no_route",
             Error::FileNotFound(_) => "not_found",
             Error::MethodNotAllowed(_) => "method_not_allowed",
@@ -172,6 +179,7 @@ impl Error {
                 body["version"] = json!(version);
             }
             Error::BodyTooLarge { limit } => body["limit"] = json!(limit),
+            Error::TooManyStreams { limit } => body["limit"] = json!(limit),
             Error::UpstreamFailed { rule, target, .. } | Error::UpstreamTimeout { rule, target, .. } => {
                 body["rule"] = json!(rule);
                 body["target"] = json!(target);
@@ -190,7 +198,7 @@ impl IntoResponse for Error {
         let mut response = (self.status(), axum::Json(self.body())).into_response();
         let headers = response.headers_mut();
         match &self {
-            Error::Loading | Error::PoolBusy(_) => {
+            Error::Loading | Error::PoolBusy(_) | Error::TooManyStreams { .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             Error::MethodNotAllowed(_) => {

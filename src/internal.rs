@@ -97,7 +97,7 @@ async fn stats(State(state): State<AppState>) -> Json<Value> {
 async fn sse(State(state): State<AppState>, query: Result<Query<SseQuery>, QueryRejection>) -> Result<Response, Error> {
     let query = query.map_err(|e| Error::BadQuery(e.body_text()))?.0;
     let every = metrics::sse::interval(query.interval.as_deref())?;
-    Ok(metrics::sse::stream(&state.metrics, every))
+    metrics::sse::stream(&state.metrics, every)
 }
 
 #[derive(Debug, Deserialize)]

@@ -543,6 +543,35 @@ async fn a_disconnected_sse_client_is_dropped_and_many_cost_one_snapshot_per_tic
 }
 
 #[tokio::test]
+async fn streams_beyond_the_limit_are_refused_until_one_closes() {
+    let (_apps, server) = lab(json!({"ttl": 60}), 4).await;
+    let mut open = Vec::new();
+    for _ in 0..marina::metrics::sse::MAX_CLIENTS {
+        open.push(Subscriber::open(&server, "").await);
+    }
+    let refused = client().get(server.url("/_/sse")).send().await.unwrap();
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["code"], "too_many_streams");
+    assert_eq!(
+        count(&get_json(&server, "/_/metrics").await["sseClients"]),
+        open.len() as u64
+    );
+
+    open.pop();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let response = client().get(server.url("/_/sse")).send().await.unwrap();
+        if response.status() == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a closed stream's place is never freed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
 async fn shutdown_completes_while_sse_clients_are_connected() {
     let (_apps, server) = lab(json!({"ttl": 60}), 4).await;
     let mut subscribers = Vec::new();

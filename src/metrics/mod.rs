@@ -301,7 +301,7 @@ impl Metrics {
             recent,
             window,
             workers: self.pool.workers().read(now),
-            sse_clients: self.updates.receiver_count(),
+            sse_clients: self.sse_clients(),
             sse_snapshots: self.snapshots.load(Ordering::Relaxed),
         }
     }
@@ -353,6 +353,11 @@ impl Metrics {
     /// A new SSE subscriber's view of the frames.
     pub fn subscribe(&self) -> watch::Receiver<Update> {
         self.updates.subscribe()
+    }
+
+    /// Open SSE streams.
+    pub fn sse_clients(&self) -> usize {
+        self.updates.receiver_count()
     }
 
     /// Cancelled when the server starts draining: long-lived streams end then.

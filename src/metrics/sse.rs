@@ -24,6 +24,8 @@ pub const MAX_INTERVAL_SECS: u64 = 60;
 pub const RETRY: Duration = Duration::from_secs(2);
 /// A comment line is sent when nothing else was for this long, so proxies keep the connection open.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// Streams open at once: each costs a task and a copy of every frame, so a flood of them is refused.
+pub const MAX_CLIENTS: usize = 256;
 /// Frames waiting for a slow client; beyond this, new ones are skipped.
 const BACKLOG: usize = 2;
 
@@ -40,13 +42,15 @@ pub fn interval(raw: Option<&str>) -> Result<u64, Error> {
     }
 }
 
-/// A stream of `metrics` events, one every `every` seconds.
-pub fn stream(metrics: &Metrics, every: u64) -> Response {
-    debug_assert!(
-        SAMPLE_INTERVAL == Duration::from_secs(1),
-        "intervals count sampler ticks"
-    );
+/// A stream of `metrics` events, one every `every` seconds (counted in sampler ticks); refused beyond
+/// [`MAX_CLIENTS`].
+pub fn stream(metrics: &Metrics, every: u64) -> Result<Response, Error> {
+    const _: () = assert!(SAMPLE_INTERVAL.as_secs() == 1 && SAMPLE_INTERVAL.subsec_nanos() == 0);
     let mut updates = metrics.subscribe();
+    // Counted once subscribed, so concurrent arrivals cannot both slip under the limit.
+    if metrics.sse_clients() > MAX_CLIENTS {
+        return Err(Error::TooManyStreams { limit: MAX_CLIENTS });
+    }
     let closing = metrics.closing();
     let (frames, body) = mpsc::channel::<Result<Event, Infallible>>(BACKLOG);
     tokio::spawn(async move {
@@ -83,7 +87,7 @@ pub fn stream(metrics: &Metrics, every: u64) -> Response {
     response
         .headers_mut()
         .insert("x-accel-buffering", http::HeaderValue::from_static("no"));
-    response
+    Ok(response)
 }
 
 #[cfg(test)]
