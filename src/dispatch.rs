@@ -59,7 +59,12 @@ async fn route(state: &AppState, request: Request, arrived: std::time::Instant) 
         stats: state.metrics.app(&resolved.app.name, &resolved.version.version),
     };
     let (segment, rest) = (segment.to_owned(), rest.to_owned());
+    // Everything before this point is synchronous; from here the client may go away while we wait.
+    let in_flight = state.metrics.in_flight(&served.stats, arrived);
     let result = serve(state, &resolved, &served, &segment, &rest, request, arrived).await;
+    if let Some(in_flight) = in_flight {
+        in_flight.answered();
+    }
     (served, result)
 }
 

@@ -134,6 +134,8 @@ pub struct PoolCounters {
     pub misses: AtomicU64,
     pub evictions: AtomicU64,
     pub queue_rejected: AtomicU64,
+    /// Requests whose deadline passed while they waited in the queue.
+    pub queue_timeouts: AtomicU64,
     /// Workers that could not be instantiated, or were discarded after a trap or a timeout.
     pub failed: AtomicU64,
     pub timeouts: AtomicU64,
@@ -148,6 +150,7 @@ pub struct PoolCounts {
     pub misses: u64,
     pub evictions: u64,
     pub queue_rejected: u64,
+    pub queue_timeouts: u64,
     pub failed: u64,
     pub timeouts: u64,
     pub traps: u64,
@@ -162,6 +165,7 @@ impl PoolCounters {
             misses: load(&self.misses),
             evictions: load(&self.evictions),
             queue_rejected: load(&self.queue_rejected),
+            queue_timeouts: load(&self.queue_timeouts),
             failed: load(&self.failed),
             timeouts: load(&self.timeouts),
             traps: load(&self.traps),
@@ -500,6 +504,7 @@ impl Pool {
                 // Leave the queue; a grant that raced with the deadline is dropped, which passes it on.
                 self.shared.lock().waiters.retain(|waiter| waiter.id != id);
                 drop(receiver.try_recv());
+                self.counters.queue_timeouts.fetch_add(1, Ordering::Relaxed);
                 return Err(AcquireError::QueueTimeout);
             }
         };
@@ -553,13 +558,24 @@ impl Pool {
     /// Takes a worker back after a request. A healthy one that may serve again goes to the first waiter of its
     /// version, or waits idle; otherwise it is dropped and its slot passed on.
     pub fn release(&self, lease: Lease, healthy: bool) {
+        self.put_back(lease, healthy, true);
+    }
+
+    /// Takes back a worker that served no request (a health check): kept warm if its version keeps workers.
+    pub fn release_unused(&self, lease: Lease) {
+        self.put_back(lease, true, false);
+    }
+
+    fn put_back(&self, lease: Lease, healthy: bool, served: bool) {
         let Lease {
             mut worker,
             runtime,
             slot,
         } = lease;
         let now = Instant::now();
-        worker.served += 1;
+        if served {
+            worker.served += 1;
+        }
         worker.last_used = now;
         worker.status.finished(worker.served, now);
         if !(healthy && runtime.may_reuse(&worker, now)) {
@@ -591,13 +607,6 @@ impl Pool {
         }
         state.lru.put(idle.worker.id, idle.runtime.key);
         state.idle.entry(idle.runtime.key).or_default().push(idle);
-    }
-
-    /// Takes back a worker that served no request (a health check): kept warm if its version keeps workers.
-    pub fn release_unused(&self, mut lease: Lease) {
-        // Not counted as served, but a `ttl: 0` worker is still never reused.
-        lease.worker.served = lease.worker.served.saturating_sub(1);
-        self.release(lease, true);
     }
 
     /// Drops idle workers past their `idleTimeout` or `ttl`. Run every [`REAP_INTERVAL`] by [`Pool::spawn_reaper`].

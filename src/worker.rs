@@ -115,10 +115,10 @@ impl Worker {
                 allowed: config.allowed_outbound_hosts.clone(),
                 identity: identity.clone(),
             },
-            limits: MeteredLimits {
-                limits: StoreLimitsBuilder::new().memory_size(memory_cap).build(),
-                status: status.clone(),
-            },
+            limits: MeteredLimits::new(
+                StoreLimitsBuilder::new().memory_size(memory_cap).build(),
+                status.clone(),
+            ),
             // The request's deadline covers instantiation too: a component whose start never returns traps.
             deadline,
             timed_out: false,

@@ -150,7 +150,8 @@ pub struct Snapshot {
     pub window: Duration,
     pub workers: Vec<WorkerReading>,
     pub sse_clients: usize,
-    pub sse_snapshots: u64,
+    /// Snapshots taken so far, this one included.
+    pub snapshots: u64,
 }
 
 impl Snapshot {
@@ -251,6 +252,16 @@ impl Metrics {
         self.unrouted.clone()
     }
 
+    /// Marks a request to an app as in flight: if it is dropped before it is answered (the client went away), it
+    /// is counted with status 499 and timed to that moment. `None` when requests are not counted.
+    pub fn in_flight(&self, stats: &Arc<AppStats>, start: Instant) -> Option<InFlight> {
+        self.requests_on.then(|| InFlight {
+            stats: stats.clone(),
+            start,
+            answered: false,
+        })
+    }
+
     /// Counts a response to an app (one the dispatcher marked [`Served`]) and times it to the end of its body.
     pub fn observe(&self, start: Instant, response: Response) -> Response {
         if !self.requests_on {
@@ -277,6 +288,7 @@ impl Metrics {
 
     /// Reads everything at once. Has no side effects.
     pub fn snapshot(&self) -> Snapshot {
+        let taken = self.snapshots.fetch_add(1, Ordering::Relaxed) + 1;
         let now = Instant::now();
         let apps = self.read_apps();
         let (recent, window) = {
@@ -302,7 +314,7 @@ impl Metrics {
             window,
             workers: self.pool.workers().read(now),
             sse_clients: self.sse_clients(),
-            sse_snapshots: self.snapshots.load(Ordering::Relaxed),
+            snapshots: taken,
         }
     }
 
@@ -326,7 +338,6 @@ impl Metrics {
             }
         }
         if self.updates.receiver_count() > 0 {
-            self.snapshots.fetch_add(1, Ordering::Relaxed);
             let json = report::stats(&self.snapshot()).to_string();
             let seq = self.updates.borrow().seq + 1;
             self.updates.send_replace(Update {
@@ -368,6 +379,33 @@ impl Metrics {
     /// Ends every SSE stream (at the start of a drain, so they do not hold it open).
     pub fn close(&self) {
         self.closing.cancel();
+    }
+}
+
+/// Status counted for a request whose client went away before it was answered (nginx's convention).
+pub const CLIENT_CLOSED: u16 = 499;
+
+/// A request to an app that has not been answered yet; see [`Metrics::in_flight`].
+pub struct InFlight {
+    stats: Arc<AppStats>,
+    start: Instant,
+    answered: bool,
+}
+
+impl InFlight {
+    /// The request has its response: from here on it is counted by [`Metrics::observe`].
+    pub fn answered(mut self) {
+        self.answered = true;
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.stats
+                .count(StatusCode::from_u16(CLIENT_CLOSED).expect("499 is a valid status"));
+            self.stats.latency.record(self.start.elapsed());
+        }
     }
 }
 

@@ -150,6 +150,11 @@ pub fn encode(snapshot: &Snapshot) -> String {
             counters.queue_rejected,
         ),
         (
+            "marina_queue_timeouts_total",
+            "Requests whose deadline passed while they waited for a worker.",
+            counters.queue_timeouts,
+        ),
+        (
             "marina_pool_hits_total",
             "Requests that found a warm worker.",
             counters.hits,
@@ -185,9 +190,9 @@ pub fn encode(snapshot: &Snapshot) -> String {
             counters.traps,
         ),
         (
-            "marina_sse_snapshots_total",
-            "Snapshots built for /_/sse subscribers.",
-            snapshot.sse_snapshots,
+            "marina_snapshots_total",
+            "Metric snapshots taken (by /_/metrics, /_/stats and the SSE sampler).",
+            snapshot.snapshots,
         ),
     ];
     for (name, help, value) in totals {

@@ -4,7 +4,7 @@
 use serde_json::{json, Map, Value};
 
 use super::histogram::Counts;
-use super::{Recent, Snapshot};
+use super::{Recent, Snapshot, SAMPLE_INTERVAL};
 
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -22,7 +22,8 @@ pub fn metrics(snapshot: &Snapshot) -> Value {
         "errors": errors,
         "requestsPerSecond": rate(&recent, snapshot),
         "windowSeconds": round(snapshot.window.as_secs_f64(), 3),
-        "avgResponseTimeMs": recent.latency.mean().map(ms),
+        // Buntime's key is always a number; our percentiles are null when there is nothing to rank.
+        "avgResponseTimeMs": recent.latency.mean().map_or(0.0, ms),
         "latencyMs": percentiles(&recent.latency),
         "poolSize": pool.capacity,
         "activeWorkers": pool.live,
@@ -31,6 +32,7 @@ pub fn metrics(snapshot: &Snapshot) -> Value {
         "peakWorkers": pool.peak,
         "queueDepth": pool.queued,
         "queueRejected": counters.queue_rejected,
+        "queueTimeouts": counters.queue_timeouts,
         "hits": counters.hits,
         "misses": counters.misses,
         "hitRate": if lookups == 0 { 0.0 } else { round(counters.hits as f64 / lookups as f64, 4) },
@@ -71,7 +73,7 @@ pub fn stats(snapshot: &Snapshot) -> Value {
                 "errors": reading.errors(),
                 "statuses": statuses,
                 "requestsPerSecond": rate(&recent, snapshot),
-                "avgResponseTimeMs": recent.latency.mean().map(ms),
+                "avgResponseTimeMs": recent.latency.mean().map_or(0.0, ms),
                 "latencyMs": percentiles(&recent.latency),
                 "workers": {
                     "busy": mine().filter(|w| w.busy).count(),
@@ -101,12 +103,9 @@ pub fn stats(snapshot: &Snapshot) -> Value {
 }
 
 fn rate(recent: &Recent, snapshot: &Snapshot) -> f64 {
-    let seconds = snapshot.window.as_secs_f64();
-    if seconds <= 0.0 {
-        0.0
-    } else {
-        round(recent.requests as f64 / seconds, 3)
-    }
+    // Right after start the window is only the uptime: one request in the first 50 ms is not 20 per second.
+    let seconds = snapshot.window.max(SAMPLE_INTERVAL).as_secs_f64();
+    round(recent.requests as f64 / seconds, 3)
 }
 
 fn percentiles(latency: &Counts) -> Value {

@@ -94,17 +94,21 @@ impl WorkerStatus {
     }
 }
 
+/// Shards of the [`WorkerTable`]: with a fresh worker per request (`ttl: 0`) every request adds and removes one, so
+/// the table is split for those locks not to be one the whole server contends on.
+const SHARDS: usize = 16;
+
 /// Every live worker's status.
 #[derive(Debug, Default)]
 pub struct WorkerTable {
-    workers: Mutex<HashMap<u64, Arc<WorkerStatus>>>,
+    shards: [Mutex<HashMap<u64, Arc<WorkerStatus>>>; SHARDS],
 }
 
 impl WorkerTable {
     /// Lists `status` until the returned registration is dropped (with its worker).
     pub fn register(self: &Arc<Self>, status: Arc<WorkerStatus>) -> Registration {
         let id = status.id;
-        self.lock().insert(id, status);
+        self.shard(id).insert(id, status);
         Registration {
             table: self.clone(),
             id,
@@ -113,13 +117,20 @@ impl WorkerTable {
 
     /// Every live worker, by id.
     pub fn read(&self, now: Instant) -> Vec<WorkerReading> {
-        let mut readings: Vec<WorkerReading> = self.lock().values().map(|status| status.read(now)).collect();
+        let mut readings: Vec<WorkerReading> = (0..SHARDS as u64)
+            .flat_map(|shard| {
+                let workers = self.shard(shard);
+                workers.values().map(|status| status.read(now)).collect::<Vec<_>>()
+            })
+            .collect();
         readings.sort_by_key(|reading| reading.id);
         readings
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<WorkerStatus>>> {
-        self.workers.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn shard(&self, id: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<WorkerStatus>>> {
+        self.shards[(id % SHARDS as u64) as usize]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -132,14 +143,24 @@ pub struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.table.lock().remove(&self.id);
+        self.table.shard(self.id).remove(&self.id);
     }
 }
 
 /// The store's resource limiter: the memory cap, plus a running count of the linear memory it allowed.
+///
+/// What it allows is what the guest gets: growth past the memory's declared maximum is refused here (by
+/// `StoreLimits`), and a pooled slot reserves the largest cap a config may set, so wasmtime does not fail a growth
+/// after it was allowed (short of the OS failing to map memory, which is not taken back).
 pub struct MeteredLimits {
-    pub limits: StoreLimits,
-    pub status: Arc<WorkerStatus>,
+    limits: StoreLimits,
+    status: Arc<WorkerStatus>,
+}
+
+impl MeteredLimits {
+    pub fn new(limits: StoreLimits, status: Arc<WorkerStatus>) -> MeteredLimits {
+        MeteredLimits { limits, status }
+    }
 }
 
 impl ResourceLimiter for MeteredLimits {
@@ -153,7 +174,6 @@ impl ResourceLimiter for MeteredLimits {
     }
 
     fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
-        // The growth was counted when it was allowed; it did not happen after all.
         self.limits.memory_grow_failed(error)
     }
 
@@ -195,8 +215,10 @@ mod tests {
         let table = Arc::new(WorkerTable::default());
         let first = table.register(status(2));
         let second = table.register(status(1));
+        let third = table.register(status(17));
         let ids: Vec<u64> = table.read(Instant::now()).iter().map(|w| w.id).collect();
-        assert_eq!(ids, [1, 2]);
+        assert_eq!(ids, [1, 2, 17]);
+        drop(third);
         drop(first);
         drop(second);
         assert!(table.read(Instant::now()).is_empty());
@@ -216,12 +238,13 @@ mod tests {
     #[test]
     fn allowed_memory_growth_is_counted_and_refused_growth_is_not() {
         let status = status(1);
-        let mut limits = MeteredLimits {
-            limits: wasmtime::StoreLimitsBuilder::new().memory_size(1 << 20).build(),
-            status: status.clone(),
-        };
+        let limits = wasmtime::StoreLimitsBuilder::new().memory_size(1 << 20).build();
+        let mut limits = MeteredLimits::new(limits, status.clone());
         assert!(limits.memory_growing(0, 65536, None).unwrap());
         assert!(!limits.memory_growing(65536, 2 << 20, None).unwrap());
+        assert_eq!(status.memory_bytes(), 65536);
+        // Within the cap but past the memory's own declared maximum: refused, so not counted.
+        assert!(!limits.memory_growing(65536, 131072, Some(65536)).unwrap());
         assert_eq!(status.memory_bytes(), 65536);
     }
 }
