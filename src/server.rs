@@ -246,7 +246,9 @@ pub async fn serve(
             }
             // Versions added or changed from now on compile in the background, before their first request.
             while changes.changed().await.is_ok() {
-                state.pool.sync(&state.registry.snapshot(), true);
+                let snapshot = state.registry.snapshot();
+                state.pool.sync(&snapshot, true);
+                state.metrics.retain(&snapshot);
             }
             drop(watcher);
         })

@@ -116,6 +116,72 @@ async fn a_request_whose_client_goes_away_is_counted_as_499_with_its_time() {
 }
 
 #[tokio::test]
+async fn a_removed_versions_counts_fold_into_the_retired_total_and_the_totals_never_drop() {
+    let apps = AppsDir::new();
+    apps.component("lab", "1.0.0", "lab", json!({"ttl": 60}));
+    apps.component("lab", "1.1.0", "lab", json!({"ttl": 60}));
+    let server = TestServer::start(&apps.path()).await;
+    for _ in 0..4 {
+        assert_eq!(status_of(&server, "/lab@1.0.0/count").await, 200);
+    }
+    assert_eq!(status_of(&server, "/lab@1.0.0/panic").await, 500);
+    assert_eq!(status_of(&server, "/lab@1.1.0/count").await, 200);
+    let before = get_json(&server, "/_/metrics").await;
+
+    std::fs::remove_dir_all(apps.path().join("lab/1.0.0")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let stats = loop {
+        let stats = get_json(&server, "/_/stats").await;
+        if stats["apps"].get("lab@1.0.0").is_none() {
+            break stats;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the removed version is still listed: {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(stats["apps"]["lab@1.1.0"]["requests"], 1);
+    for key in ["totalRequests", "errors"] {
+        assert_eq!(stats["pool"][key], before[key], "{key}");
+    }
+    // All six requests are still in the window (the server is younger than it): moving the removed version's
+    // share did not make the rate drop or jump.
+    let pool = &stats["pool"];
+    let seconds = pool["windowSeconds"].as_f64().unwrap().max(1.0);
+    let in_window = pool["requestsPerSecond"].as_f64().unwrap() * seconds;
+    assert!(
+        (in_window - 6.0).abs() < 0.05,
+        "{in_window} requests in the window: {pool}"
+    );
+    let text = client()
+        .get(server.url("/_/metrics?format=prometheus"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let samples = parse_prometheus(&text);
+    assert_eq!(
+        samples[r#"marina_requests_total{app="",version="retired",status="200"}"#],
+        4.0
+    );
+    assert_eq!(
+        samples[r#"marina_requests_total{app="",version="retired",status="500"}"#],
+        1.0
+    );
+    assert_eq!(
+        samples[r#"marina_request_duration_seconds_count{app="",version="retired"}"#],
+        5.0
+    );
+    assert!(
+        !text.contains(r#"version="1.0.0""#),
+        "no series left for the removed version"
+    );
+}
+
+#[tokio::test]
 async fn a_timeout_and_a_trap_are_counted_and_their_workers_failed() {
     let (_apps, server) = lab(json!({"ttl": 60, "timeout": 1}), 4).await;
     assert_eq!(status_of(&server, "/lab/loop").await, 504);

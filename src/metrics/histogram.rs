@@ -58,6 +58,14 @@ impl Histogram {
         self.sum_ns.fetch_add(ns, Ordering::Relaxed);
     }
 
+    /// Adds counts taken from another histogram (a retired version's, folded into the retired total).
+    pub fn absorb(&self, counts: &Counts) {
+        for (bucket, count) in self.buckets.iter().zip(&counts.buckets) {
+            bucket.fetch_add(*count, Ordering::Relaxed);
+        }
+        self.sum_ns.fetch_add(counts.sum_ns, Ordering::Relaxed);
+    }
+
     /// The counts so far. Writers are not stopped, so a count and the sum may be one request apart.
     pub fn counts(&self) -> Counts {
         Counts {

@@ -34,6 +34,9 @@ pub const WINDOW: Duration = Duration::from_secs(10);
 /// How often the totals are sampled for the window, and SSE frames built.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The `version` under which versions that are no longer deployed keep counting toward the totals.
+pub const RETIRED: &str = "retired";
+
 /// Status codes are counted for 100..=599; anything else (never sent by hyper) counts as 599.
 const STATUS_CODES: usize = 500;
 
@@ -60,6 +63,14 @@ impl AppStats {
         self.statuses[index].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Adds another version's counts to these.
+    fn absorb(&self, reading: &AppReading) {
+        for (status, count) in &reading.statuses {
+            self.statuses[usize::from(status - 100)].fetch_add(*count, Ordering::Relaxed);
+        }
+        self.latency.absorb(&reading.latency);
+    }
+
     fn read(&self) -> AppReading {
         let statuses = self
             .statuses
@@ -79,8 +90,8 @@ impl AppStats {
     }
 }
 
-/// One app version's counters, read at one moment. `app` and `version` are empty for requests that named no
-/// deployed app.
+/// One app version's counters, read at one moment. `app` is empty for requests that named no deployed app
+/// (`version` empty too) and for versions no longer deployed (`version` is [`RETIRED`]).
 #[derive(Debug, Clone)]
 pub struct AppReading {
     pub app: String,
@@ -196,6 +207,9 @@ pub struct Metrics {
     apps: ArcSwap<AppTable>,
     adding: Mutex<()>,
     unrouted: Arc<AppStats>,
+    /// Versions removed from APPS_DIR, folded together so that totals never go down and memory does not grow with
+    /// every version ever deployed.
+    retired: Arc<AppStats>,
     samples: Mutex<VecDeque<Sample>>,
     updates: watch::Sender<Update>,
     closing: CancellationToken,
@@ -217,6 +231,7 @@ impl Metrics {
             apps: ArcSwap::default(),
             adding: Mutex::new(()),
             unrouted: Arc::new(AppStats::new(String::new(), String::new())),
+            retired: Arc::new(AppStats::new(String::new(), RETIRED.to_owned())),
             samples: Mutex::new(VecDeque::from([Sample {
                 at: started,
                 apps: HashMap::new(),
@@ -282,17 +297,61 @@ impl Metrics {
             .flat_map(|versions| versions.values().map(|stats| stats.read()))
             .collect();
         apps.sort_by(|a, b| (&a.app, &a.version).cmp(&(&b.app, &b.version)));
+        apps.push(self.retired.read());
         apps.push(self.unrouted.read());
         apps
+    }
+
+    /// Folds the counters of versions no longer in `deployed` into the retired total. Their share of the current
+    /// window moves with them, so neither the totals nor the rates jump. (A request still in flight on a removed
+    /// version finishes uncounted.)
+    pub fn retain(&self, deployed: &crate::registry::Snapshot) {
+        let _adding = self.adding.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.apps.load_full();
+        let is_deployed = |app: &str, version: &semver::Version| {
+            deployed
+                .apps
+                .get(app)
+                .is_some_and(|a| a.versions.iter().any(|v| &v.version == version))
+        };
+        let mut kept: AppTable = HashMap::new();
+        let mut gone = Vec::new();
+        for (app, versions) in current.iter() {
+            for (version, stats) in versions {
+                if is_deployed(app, version) {
+                    kept.entry(app.clone())
+                        .or_default()
+                        .insert(version.clone(), stats.clone());
+                } else {
+                    gone.push(stats.read());
+                }
+            }
+        }
+        if gone.is_empty() {
+            return;
+        }
+        let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        self.apps.store(Arc::new(kept));
+        let retired_key = self.retired.read().key();
+        for reading in &gone {
+            self.retired.absorb(reading);
+            let key = reading.key();
+            for sample in samples.iter_mut() {
+                if let Some(then) = sample.apps.remove(&key) {
+                    sample.apps.entry(retired_key.clone()).or_default().add(&then);
+                }
+            }
+        }
     }
 
     /// Reads everything at once. Has no side effects.
     pub fn snapshot(&self) -> Snapshot {
         let taken = self.snapshots.fetch_add(1, Ordering::Relaxed) + 1;
         let now = Instant::now();
-        let apps = self.read_apps();
-        let (recent, window) = {
+        let (apps, recent, window) = {
+            // Read under the samples' lock, so that a version being retired is seen either before or after.
             let samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+            let apps = self.read_apps();
             let start = samples.front().expect("the first sample is never removed alone");
             let recent = apps
                 .iter()
@@ -302,7 +361,7 @@ impl Metrics {
                     (key, recent)
                 })
                 .collect();
-            (recent, now.saturating_duration_since(start.at))
+            (apps, recent, now.saturating_duration_since(start.at))
         };
         Snapshot {
             uptime: now.saturating_duration_since(self.started),
@@ -321,16 +380,16 @@ impl Metrics {
     /// One sampler tick: keep the running totals for the window, and build the SSE frame if anyone listens.
     fn tick(&self) {
         let now = Instant::now();
-        let apps = self
-            .read_apps()
-            .into_iter()
-            .map(|reading| {
-                let recent = Recent::between(&reading, None);
-                (reading.key(), recent)
-            })
-            .collect();
         {
             let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+            let apps = self
+                .read_apps()
+                .into_iter()
+                .map(|reading| {
+                    let recent = Recent::between(&reading, None);
+                    (reading.key(), recent)
+                })
+                .collect();
             samples.push_back(Sample { at: now, apps });
             // Keep the newest sample that is at least a window old: it starts the current window.
             while samples.len() > 1 && samples[1].at + WINDOW <= now {
@@ -440,5 +499,50 @@ impl http_body::Body for Timed {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics() -> Metrics {
+        let settings = crate::engine::EngineSettings {
+            pool_size: 1,
+            cache_dir: None,
+        };
+        let engine = Arc::new(crate::engine::Engine::new(&settings).unwrap());
+        Metrics::new(Arc::new(Pool::new(engine, 1, 0)), true)
+    }
+
+    fn count(stats: &AppStats, n: usize) {
+        for _ in 0..n {
+            stats.count(StatusCode::OK);
+            stats.latency.record(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_retired_version_keeps_its_totals_and_only_its_recent_share_in_the_window() {
+        let metrics = metrics();
+        let stats = metrics.app("a", &semver::Version::new(1, 0, 0));
+        count(&stats, 3);
+        metrics.tick();
+        // Make the tick just taken the window's start, as it is once the window has passed.
+        metrics.samples.lock().unwrap().pop_front();
+        count(&stats, 2);
+        let before = metrics.snapshot();
+        assert_eq!((before.total().0, before.recent_total().requests), (5, 2));
+
+        let nothing_deployed = crate::registry::Snapshot {
+            apps: HashMap::new(),
+            ignored: Vec::new(),
+        };
+        metrics.retain(&nothing_deployed);
+        let after = metrics.snapshot();
+        assert!(after.apps.iter().all(|reading| reading.app.is_empty()));
+        assert_eq!((after.total().0, after.recent_total().requests), (5, 2));
+        let retired = after.apps.iter().find(|r| r.version == RETIRED).unwrap();
+        assert_eq!((retired.requests(), retired.latency.count()), (5, 5));
     }
 }
