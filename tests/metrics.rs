@@ -30,6 +30,30 @@ async fn lab(config: Value, pool_size: usize) -> (AppsDir, TestServer) {
     (apps, server)
 }
 
+/// Polls `probe` until it gives a value, for at most `limit`; fails naming `what` if it never does.
+async fn eventually<T>(limit: Duration, what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{what} did not happen within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `/_/metrics` as Prometheus text, checked against the format and parsed into its series.
+async fn prometheus(server: &TestServer) -> (String, BTreeMap<String, f64>) {
+    let response = client()
+        .get(server.url("/_/metrics?format=prometheus"))
+        .send()
+        .await
+        .unwrap();
+    let text = response.text().await.unwrap();
+    let samples = parse_prometheus(&text);
+    (text, samples)
+}
+
 fn count(value: &Value) -> u64 {
     value.as_u64().unwrap_or_else(|| panic!("{value} is not a count"))
 }
@@ -74,17 +98,13 @@ async fn n_requests_grow_the_totals_by_n_and_show_under_their_app_and_workers() 
 
 /// The stats once every worker is idle and they have served `requests` in all.
 async fn settled(server: &TestServer, requests: u64) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    eventually(Duration::from_secs(10), "every worker idle", async || {
         let stats = get_json(server, "/_/stats").await;
         let workers = stats["workers"].as_object().unwrap();
         let served: u64 = workers.values().map(|w| count(&w["requestCount"])).sum();
-        if served == requests && workers.values().all(|w| w["state"] == "idle") {
-            return stats;
-        }
-        assert!(Instant::now() < deadline, "the workers never settled: {stats}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        (served == requests && workers.values().all(|w| w["state"] == "idle")).then_some(stats)
+    })
+    .await
 }
 
 #[tokio::test]
@@ -95,24 +115,17 @@ async fn a_request_whose_client_goes_away_is_counted_as_499_with_its_time() {
         .build()
         .unwrap();
     assert!(impatient.get(server.url("/lab/slow?ms=3000")).send().await.is_err());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let stats = eventually(Duration::from_secs(10), "counting the abandoned request", async || {
         let stats = get_json(&server, "/_/stats").await;
-        let app = &stats["apps"]["lab@1.0.0"];
-        if app["statuses"] == json!({"499": 1}) {
-            assert_eq!(stats["pool"]["totalRequests"], 1);
-            assert!(
-                app["latencyMs"]["p50"].as_f64().unwrap() >= 250.0,
-                "timed to the disconnect: {app}"
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the abandoned request was never counted: {stats}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        (stats["apps"]["lab@1.0.0"]["statuses"] == json!({"499": 1})).then_some(stats)
+    })
+    .await;
+    assert_eq!(stats["pool"]["totalRequests"], 1);
+    let app = &stats["apps"]["lab@1.0.0"];
+    assert!(
+        app["latencyMs"]["p50"].as_f64().unwrap() >= 250.0,
+        "timed to the disconnect: {app}"
+    );
 }
 
 #[tokio::test]
@@ -129,18 +142,15 @@ async fn a_removed_versions_counts_fold_into_the_retired_total_and_the_totals_ne
     let before = get_json(&server, "/_/metrics").await;
 
     std::fs::remove_dir_all(apps.path().join("lab/1.0.0")).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let stats = loop {
-        let stats = get_json(&server, "/_/stats").await;
-        if stats["apps"].get("lab@1.0.0").is_none() {
-            break stats;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the removed version is still listed: {stats}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let stats = eventually(
+        Duration::from_secs(15),
+        "the removed version leaving the stats",
+        async || {
+            let stats = get_json(&server, "/_/stats").await;
+            stats["apps"].get("lab@1.0.0").is_none().then_some(stats)
+        },
+    )
+    .await;
     assert_eq!(stats["apps"]["lab@1.1.0"]["requests"], 1);
     for key in ["totalRequests", "errors"] {
         assert_eq!(stats["pool"][key], before[key], "{key}");
@@ -154,15 +164,7 @@ async fn a_removed_versions_counts_fold_into_the_retired_total_and_the_totals_ne
         (in_window - 6.0).abs() < 0.05,
         "{in_window} requests in the window: {pool}"
     );
-    let text = client()
-        .get(server.url("/_/metrics?format=prometheus"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let samples = parse_prometheus(&text);
+    let (text, samples) = prometheus(&server).await;
     assert_eq!(
         samples[r#"marina_requests_total{app="",version="retired",status="200"}"#],
         4.0
@@ -312,15 +314,12 @@ async fn the_json_and_prometheus_views_agree_and_the_text_is_well_formed() {
     );
     let text = response.text().await.unwrap();
     let samples = parse_prometheus(&text);
-    let by_query = client()
-        .get(server.url("/_/metrics?format=prometheus"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    parse_prometheus(&by_query);
+    let (_, by_query) = prometheus(&server).await;
+    assert_eq!(
+        by_query.len(),
+        samples.len(),
+        "?format=prometheus gives the same series"
+    );
 
     let series = |name: &str| {
         samples
@@ -626,34 +625,25 @@ async fn a_disconnected_sse_client_is_dropped_and_many_cost_one_snapshot_per_tic
     }
     // Every snapshot is counted, by whatever takes it (these two reads included): 20 subscribers that each took
     // their own would show 20 a tick.
-    let snapshots = |text: &str| parse_prometheus(text)["marina_snapshots_total"];
-    let prometheus = || async {
-        client()
-            .get(server.url("/_/metrics?format=prometheus"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
-    let built_before = snapshots(&prometheus().await);
+    let snapshots = async || prometheus(&server).await.1["marina_snapshots_total"];
+    let built_before = snapshots().await;
     let started = Instant::now();
     for subscriber in &mut subscribers {
         subscriber.event().await;
         subscriber.event().await;
     }
-    let built = snapshots(&prometheus().await) - built_before - 1.0;
+    let built = snapshots().await - built_before - 1.0;
     let ticks = started.elapsed().as_secs_f64().ceil() + 1.0;
     assert!(built <= ticks, "{built} snapshots in {ticks} ticks for 20 subscribers");
     assert_eq!(sse_clients(&server).await, 20);
 
     subscribers.truncate(5);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while sse_clients(&server).await != 5 {
-        assert!(Instant::now() < deadline, "disconnected subscribers are still counted");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        "dropping disconnected subscribers",
+        async || (sse_clients(&server).await == 5).then_some(()),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -674,15 +664,11 @@ async fn streams_beyond_the_limit_are_refused_until_one_closes() {
     );
 
     open.pop();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    eventually(Duration::from_secs(10), "freeing a closed stream's place", async || {
         let response = client().get(server.url("/_/sse")).send().await.unwrap();
-        if response.status() == 200 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "a closed stream's place is never freed");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        (response.status() == 200).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -805,11 +791,8 @@ impl Browser {
 
     /// Polls `check` on the page until it holds, for at most `limit`.
     async fn wait_for(&self, limit: Duration, what: &str, check: impl AsyncFn(&Browser) -> bool) {
-        let deadline = Instant::now() + limit;
-        while !check(self).await {
-            assert!(Instant::now() < deadline, "the dashboard never showed {what}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let what = format!("the dashboard showing {what}");
+        eventually(limit, &what, async || check(self).await.then_some(())).await;
     }
 
     async fn events(&self) -> u64 {
@@ -844,6 +827,11 @@ impl Drop for Browser {
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
+}
+
+/// A number as the dashboard shows it (`12,345.6`).
+fn number(text: &str) -> Option<f64> {
+    text.replace(',', "").parse().ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -885,7 +873,7 @@ async fn the_dashboard_shows_live_numbers_under_load_and_reconnects_after_a_rest
     };
     browser
         .wait_for(Duration::from_secs(15), "requests per second", async |b| {
-            b.text("rps").await.parse::<f64>().is_ok_and(|rps| rps > 0.0)
+            number(&b.text("rps").await).is_some_and(|rps| rps > 0.0)
         })
         .await;
     let sent = load.await.unwrap();
@@ -895,7 +883,7 @@ async fn the_dashboard_shows_live_numbers_under_load_and_reconnects_after_a_rest
         })
         .await;
     let p50 = browser.text("p50").await;
-    assert!(p50.parse::<f64>().is_ok_and(|ms| ms > 0.0), "p50 {p50:?}");
+    assert!(number(&p50).is_some_and(|ms| ms > 0.0), "p50 {p50:?}");
     let rows = browser
         .eval("return document.querySelector('#apps-table tbody').textContent")
         .await;
