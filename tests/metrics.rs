@@ -108,6 +108,26 @@ async fn settled(server: &TestServer, requests: u64) -> Value {
 }
 
 #[tokio::test]
+async fn latency_runs_to_the_end_of_the_body_not_to_the_head() {
+    let (_apps, server) = lab(json!({"ttl": 60}), 4).await;
+    // 64 MiB is far more than the sockets buffer: the body cannot finish before the client reads it.
+    let response = client().get(server.url("/lab/stream?mb=64")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(response.bytes().await.unwrap().len(), 64 << 20);
+    let stats = eventually(Duration::from_secs(10), "timing the streamed response", async || {
+        let stats = get_json(&server, "/_/stats").await;
+        stats["apps"]["lab@1.0.0"]["latencyMs"]["p50"].as_f64().map(|_| stats)
+    })
+    .await;
+    let p50 = stats["apps"]["lab@1.0.0"]["latencyMs"]["p50"].as_f64().unwrap();
+    assert!(
+        p50 >= 1200.0,
+        "the response took over 1.2 s to deliver, but was timed at {p50} ms"
+    );
+}
+
+#[tokio::test]
 async fn a_request_whose_client_goes_away_is_counted_as_499_with_its_time() {
     let (_apps, server) = lab(json!({"ttl": 60}), 4).await;
     let impatient = reqwest::Client::builder()
