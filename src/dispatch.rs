@@ -62,9 +62,7 @@ async fn route(state: &AppState, request: Request, arrived: std::time::Instant) 
     // Everything before this point is synchronous; from here the client may go away while we wait.
     let in_flight = state.metrics.in_flight(&served.stats, arrived);
     let result = serve(state, &resolved, &served, &segment, &rest, request, arrived).await;
-    if let Some(in_flight) = in_flight {
-        in_flight.answered();
-    }
+    in_flight.answered();
     (served, result)
 }
 

@@ -97,13 +97,13 @@ impl VersionRuntime {
         config.ttl > 0
             && config.idle_timeout > 0
             && !self.retired.load(Ordering::Relaxed)
-            && now.duration_since(worker.created) < Duration::from_secs(config.ttl)
-            && (config.max_requests == 0 || worker.served < config.max_requests)
+            && now.duration_since(worker.status.created) < Duration::from_secs(config.ttl)
+            && (config.max_requests == 0 || worker.status.requests() < config.max_requests)
     }
 
     fn expired_while_idle(&self, worker: &Worker, now: Instant) -> bool {
-        now.duration_since(worker.last_used) >= self.idle_timeout()
-            || now.duration_since(worker.created) >= Duration::from_secs(self.deployment.config.ttl)
+        now.duration_since(worker.status.last_used()) >= self.idle_timeout()
+            || now.duration_since(worker.status.created) >= Duration::from_secs(self.deployment.config.ttl)
     }
 }
 
@@ -400,7 +400,7 @@ impl Pool {
             let mut state = self.shared.lock();
             let dropped = state.idle.remove(&runtime.key).unwrap_or_default();
             for idle in &dropped {
-                state.lru.pop(&idle.worker.id);
+                state.lru.pop(&idle.worker.id());
             }
             dropped
         };
@@ -420,7 +420,7 @@ impl Pool {
             let mut state = self.shared.lock();
             let mut step = None;
             while let Some(idle) = state.idle.get_mut(&runtime.key).and_then(Vec::pop) {
-                state.lru.pop(&idle.worker.id);
+                state.lru.pop(&idle.worker.id());
                 if runtime.expired_while_idle(&idle.worker, now) {
                     expired.push(idle);
                 } else {
@@ -443,7 +443,7 @@ impl Pool {
                             .idle
                             .get_mut(&key)
                             .expect("an idle worker in the LRU is in its list");
-                        let at = list.iter().position(|i| i.worker.id == worker_id).expect("listed");
+                        let at = list.iter().position(|i| i.worker.id() == worker_id).expect("listed");
                         Step::Evict(list.remove(at))
                     }
                     None if state.waiters.len() < self.shared.queue_limit => {
@@ -470,7 +470,7 @@ impl Pool {
                 tracing::debug!(
                     app = %idle.runtime.identity.app,
                     version = %idle.runtime.identity.version,
-                    worker = idle.worker.id,
+                    worker = idle.worker.id(),
                     "evicting an idle worker to make room"
                 );
                 let Idle { worker, slot, .. } = idle;
@@ -567,17 +567,11 @@ impl Pool {
     }
 
     fn put_back(&self, lease: Lease, healthy: bool, served: bool) {
-        let Lease {
-            mut worker,
-            runtime,
-            slot,
-        } = lease;
+        let Lease { worker, runtime, slot } = lease;
         let now = Instant::now();
-        if served {
-            worker.served += 1;
-        }
-        worker.last_used = now;
-        worker.status.finished(worker.served, now);
+        worker
+            .status
+            .finished(worker.status.requests() + u64::from(served), now);
         if !(healthy && runtime.may_reuse(&worker, now)) {
             drop(worker);
             drop(slot);
@@ -605,7 +599,7 @@ impl Pool {
             drop(idle);
             return;
         }
-        state.lru.put(idle.worker.id, idle.runtime.key);
+        state.lru.put(idle.worker.id(), idle.runtime.key);
         state.idle.entry(idle.runtime.key).or_default().push(idle);
     }
 
@@ -626,7 +620,7 @@ impl Pool {
                 }
             }
             for idle in &reaped {
-                state.lru.pop(&idle.worker.id);
+                state.lru.pop(&idle.worker.id());
             }
             state.idle.retain(|_, list| !list.is_empty());
             reaped

@@ -70,15 +70,11 @@ impl WasiHttpView for WorkerState {
     }
 }
 
-/// A live instance: its store, its exports, and its history.
+/// A live instance: its store, its exports, and its history (in its status, which the stats read too).
 pub struct Worker {
     pub store: Store<WorkerState>,
     pub proxy: Proxy,
-    pub id: u64,
-    pub created: Instant,
-    pub last_used: Instant,
-    pub served: u64,
-    /// What the stats see of this worker; listed in the pool's table while `_listed` lives.
+    /// Its id, age, requests served and last use; listed in the pool's table while `_listed` lives.
     pub status: Arc<WorkerStatus>,
     _listed: Registration,
 }
@@ -140,17 +136,16 @@ impl Worker {
             }
         });
         let proxy = pre.instantiate_async(&mut store).await?;
-        let now = Instant::now();
         Ok(Worker {
             store,
             proxy,
-            id,
-            created: now,
-            last_used: now,
-            served: 0,
             _listed: table.register(status.clone()),
             status,
         })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.status.id
     }
 
     /// Starts a request: sets its deadline and a fresh log budget.

@@ -268,13 +268,12 @@ impl Metrics {
     }
 
     /// Marks a request to an app as in flight: if it is dropped before it is answered (the client went away), it
-    /// is counted with status 499 and timed to that moment. `None` when requests are not counted.
-    pub fn in_flight(&self, stats: &Arc<AppStats>, start: Instant) -> Option<InFlight> {
-        self.requests_on.then(|| InFlight {
-            stats: stats.clone(),
+    /// is counted with status 499 and timed to that moment (unless requests are not counted).
+    pub fn in_flight<'a>(&self, stats: &'a AppStats, start: Instant) -> InFlight<'a> {
+        InFlight {
+            stats: self.requests_on.then_some(stats),
             start,
-            answered: false,
-        })
+        }
     }
 
     /// Counts a response to an app (one the dispatcher marked [`Served`]) and times it to the end of its body.
@@ -445,25 +444,24 @@ impl Metrics {
 pub const CLIENT_CLOSED: u16 = 499;
 
 /// A request to an app that has not been answered yet; see [`Metrics::in_flight`].
-pub struct InFlight {
-    stats: Arc<AppStats>,
+pub struct InFlight<'a> {
+    /// `None` once answered, or when requests are not counted.
+    stats: Option<&'a AppStats>,
     start: Instant,
-    answered: bool,
 }
 
-impl InFlight {
+impl InFlight<'_> {
     /// The request has its response: from here on it is counted by [`Metrics::observe`].
     pub fn answered(mut self) {
-        self.answered = true;
+        self.stats = None;
     }
 }
 
-impl Drop for InFlight {
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        if !self.answered {
-            self.stats
-                .count(StatusCode::from_u16(CLIENT_CLOSED).expect("499 is a valid status"));
-            self.stats.latency.record(self.start.elapsed());
+        if let Some(stats) = self.stats {
+            stats.count(StatusCode::from_u16(CLIENT_CLOSED).expect("499 is a valid status"));
+            stats.latency.record(self.start.elapsed());
         }
     }
 }

@@ -68,6 +68,16 @@ impl WorkerStatus {
         self.busy.store(false, Ordering::Relaxed);
     }
 
+    /// Requests finished so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// When it last finished a request (its creation, if it never has).
+    pub fn last_used(&self) -> Instant {
+        self.created + std::time::Duration::from_micros(self.last_used_us.load(Ordering::Relaxed))
+    }
+
     pub fn memory_bytes(&self) -> u64 {
         self.memory_bytes.load(Ordering::Relaxed)
     }
