@@ -13,7 +13,7 @@ pub mod report;
 pub mod sse;
 pub mod workers;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -173,6 +173,17 @@ impl Snapshot {
         (requests, errors)
     }
 
+    /// Live workers and their memory, per (app, version, busy), counted in one pass over the workers.
+    pub fn worker_tallies(&self) -> BTreeMap<(&str, &str, bool), Tally> {
+        let mut tallies: BTreeMap<(&str, &str, bool), Tally> = BTreeMap::new();
+        for worker in &self.workers {
+            let tally = tallies.entry((&worker.app, &worker.version, worker.busy)).or_default();
+            tally.workers += 1;
+            tally.memory_bytes += worker.memory_bytes;
+        }
+        tallies
+    }
+
     /// All apps' window together.
     pub fn recent_total(&self) -> Recent {
         let mut total = Recent::default();
@@ -181,6 +192,13 @@ impl Snapshot {
         }
         total
     }
+}
+
+/// Workers counted together, with the linear memory they hold.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tally {
+    pub workers: u64,
+    pub memory_bytes: u64,
 }
 
 /// The running totals at one tick, the start of some later window.

@@ -4,7 +4,6 @@
 //! Labels are only ever app names, versions, status codes and states: all bounded by what is deployed, never the
 //! raw path or anything else a client chooses. Requests that named no deployed app carry `app=""`.
 
-use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use super::Snapshot;
@@ -75,36 +74,27 @@ pub fn encode(snapshot: &Snapshot) -> String {
         out.sample("marina_request_duration_seconds_count", &base, count as f64);
     }
 
-    // Per app version and state, counted from the worker list; every app version that was asked for is listed in
-    // both states, so a series does not vanish when its count drops to zero.
-    let mut workers: BTreeMap<(&str, &str, &str), (u64, u64)> = BTreeMap::new();
+    // Every app version that was asked for is listed in both states, so a series does not vanish at zero.
+    let mut workers = snapshot.worker_tallies();
     for app in snapshot.apps.iter().filter(|app| !app.app.is_empty()) {
-        for state in ["busy", "idle"] {
-            workers.insert((&app.app, &app.version, state), (0, 0));
+        for busy in [true, false] {
+            workers.entry((&app.app, &app.version, busy)).or_default();
         }
     }
-    for worker in &snapshot.workers {
-        let state = if worker.busy { "busy" } else { "idle" };
-        let entry = workers.entry((&worker.app, &worker.version, state)).or_default();
-        entry.0 += 1;
-        entry.1 += worker.memory_bytes;
-    }
+    let state = |busy: bool| if busy { "busy" } else { "idle" };
     out.family("marina_workers", "gauge", "Live workers, by app, version and state.");
-    for ((app, version, state), (count, _)) in &workers {
-        out.sample(
-            "marina_workers",
-            &[("app", app), ("version", version), ("state", state)],
-            *count as f64,
-        );
+    for ((app, version, busy), tally) in &workers {
+        let labels = [("app", *app), ("version", *version), ("state", state(*busy))];
+        out.sample("marina_workers", &labels, tally.workers as f64);
     }
     out.family(
         "marina_worker_memory_bytes",
         "gauge",
         "Linear memory held by live workers, by app, version and state.",
     );
-    for ((app, version, state), (_, bytes)) in &workers {
-        let labels = [("app", *app), ("version", *version), ("state", *state)];
-        out.sample("marina_worker_memory_bytes", &labels, *bytes as f64);
+    for ((app, version, busy), tally) in &workers {
+        let labels = [("app", *app), ("version", *version), ("state", state(*busy))];
+        out.sample("marina_worker_memory_bytes", &labels, tally.memory_bytes as f64);
     }
 
     let gauges = [

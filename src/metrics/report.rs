@@ -50,15 +50,15 @@ pub fn metrics(snapshot: &Snapshot) -> Value {
 /// `/_/stats`: the metrics, then each app version, then each worker.
 pub fn stats(snapshot: &Snapshot) -> Value {
     let mut apps = Map::new();
+    let tallies = snapshot.worker_tallies();
     for reading in snapshot.apps.iter().filter(|reading| !reading.app.is_empty()) {
         let key = reading.key();
         let recent = snapshot.recent.get(&key).cloned().unwrap_or_default();
-        let mine = || {
-            snapshot
-                .workers
-                .iter()
-                .filter(|w| w.app == reading.app && w.version == reading.version)
+        let tally = |busy| {
+            let key = (reading.app.as_str(), reading.version.as_str(), busy);
+            tallies.get(&key).copied().unwrap_or_default()
         };
+        let (busy, idle) = (tally(true), tally(false));
         let statuses: Map<String, Value> = reading
             .statuses
             .iter()
@@ -76,9 +76,9 @@ pub fn stats(snapshot: &Snapshot) -> Value {
                 "avgResponseTimeMs": recent.latency.mean().map_or(0.0, ms),
                 "latencyMs": percentiles(&recent.latency),
                 "workers": {
-                    "busy": mine().filter(|w| w.busy).count(),
-                    "idle": mine().filter(|w| !w.busy).count(),
-                    "memoryBytes": mine().map(|w| w.memory_bytes).sum::<u64>(),
+                    "busy": busy.workers,
+                    "idle": idle.workers,
+                    "memoryBytes": busy.memory_bytes + idle.memory_bytes,
                 },
             }),
         );
