@@ -56,11 +56,13 @@ fn main() {
     // The upstream gets its own runtime, so that what is measured through Marina is Marina's share of the work.
     let upstream_runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_name("upstream")
         .enable_all()
         .build()
         .unwrap();
     let upstream = upstream_runtime.block_on(start_native());
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("marina")
         .enable_all()
         .build()
         .unwrap();

@@ -722,3 +722,91 @@ async fn upstream_connections_are_kept_alive_and_reused() {
         "one upstream connection for 20 requests"
     );
 }
+
+/// A raw HTTP/1.1 upstream that answers each connection's first request with `body` and then, as `close` says,
+/// announces `Connection: close` or just closes the socket without a word (as an upstream whose keep-alive
+/// timer fired does). Counts the connections it accepts.
+async fn one_shot_upstream(announce: bool) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let body = format!("connection {n}");
+                let connection = if announce { "Connection: close\r\n" } else { "" };
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\n{connection}Content-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn an_upstream_that_closes_its_connections_costs_no_request_an_error() {
+    for announce in [true, false] {
+        let (up, accepted) = one_shot_upstream(announce).await;
+        let (server, _apps) = serve(&[("closing", json!({"proxy": {"^/": {"target": format!("http://{up}")}}}))]).await;
+        for i in 1..=10 {
+            let response = client().get(server.url("/closing/x")).send().await.unwrap();
+            assert_eq!(response.status(), 200, "request {i}, announced: {announce}");
+            assert_eq!(response.text().await.unwrap(), format!("connection {i}"));
+            if i % 2 == 0 {
+                // Sometimes the close has arrived before the next request, sometimes it crosses it.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 10);
+    }
+}
+
+#[tokio::test]
+async fn a_response_abandoned_midway_closes_its_connection_and_the_next_request_gets_a_clean_one() {
+    let (up, accepted) = counting_upstream().await;
+    let big = upstream().await;
+    let (server, _apps) = serve(&[(
+        "mixed",
+        json!({"proxy": [
+            {"pattern": "^/big", "target": format!("http://{big}")},
+            {"pattern": "^/", "target": format!("http://{up}")},
+        ]}),
+    )])
+    .await;
+    // 100 MiB, of which the client reads one chunk and hangs up.
+    let mut response = client().get(server.url("/mixed/big")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(!response.chunk().await.unwrap().unwrap().is_empty());
+    drop(response);
+    for i in 0..3 {
+        let seen = get_json(&server.url(&format!("/mixed/after/{i}"))).await;
+        assert_eq!(seen["uri"], format!("/after/{i}"));
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the small upstream's one connection, reused"
+    );
+    // The big upstream's connection was closed rather than reused mid-body: a new request needs a new one, and
+    // gets the whole body from the start.
+    let response = client().get(server.url("/mixed/big")).send().await.unwrap();
+    let mut total = 0;
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        total += chunk.unwrap().len();
+    }
+    assert_eq!(total, 100 * MIB);
+}

@@ -7,21 +7,18 @@ use http::Version;
 use super::rules::Target;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus `Proxy-Connection`, which old
-/// clients still send.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// clients still send. Names, not strings: a string would be parsed into a name on every request.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
-
-/// The name this host gives itself in `Via`.
-const VIA_NAME: &str = "marina";
 
 /// Removes the hop-by-hop headers, and every header the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -35,41 +32,38 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
 }
 
 /// Appends `value` to a list-valued header (`a, b` + `c` -> `a, b, c`), or sets it.
-fn append_to_list(headers: &mut HeaderMap, name: HeaderName, value: &str) {
-    let joined = match headers
-        .get_all(&name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect::<Vec<_>>()
-    {
-        existing if existing.is_empty() => value.to_owned(),
-        existing => format!("{}, {value}", existing.join(", ")),
-    };
+fn append_to_list(headers: &mut HeaderMap, name: HeaderName, value: HeaderValue) {
+    let existing: Vec<&str> = headers.get_all(&name).iter().filter_map(|v| v.to_str().ok()).collect();
+    if existing.is_empty() {
+        headers.insert(name, value);
+        return;
+    }
+    let joined = format!("{}, {}", existing.join(", "), value.to_str().unwrap_or_default());
     if let Ok(joined) = HeaderValue::from_str(&joined) {
         headers.insert(name, joined);
     }
 }
 
-/// `Via`'s protocol token for a message's version.
-fn via_version(version: Version) -> &'static str {
-    match version {
-        Version::HTTP_09 => "0.9",
-        Version::HTTP_10 => "1.0",
-        Version::HTTP_2 => "2",
-        Version::HTTP_3 => "3",
-        _ => "1.1",
-    }
+/// This hop's entry in `Via`, for a message that arrived as `version`.
+fn via_entry(version: Version) -> HeaderValue {
+    HeaderValue::from_static(match version {
+        Version::HTTP_09 => "0.9 marina",
+        Version::HTTP_10 => "1.0 marina",
+        Version::HTTP_2 => "2 marina",
+        Version::HTTP_3 => "3 marina",
+        _ => "1.1 marina",
+    })
 }
 
 /// Adds this hop to `Via`, for a message that arrived as `version`.
 pub fn add_via(headers: &mut HeaderMap, version: Version) {
-    append_to_list(headers, header::VIA, &format!("{} {VIA_NAME}", via_version(version)));
+    append_to_list(headers, header::VIA, via_entry(version));
 }
 
 /// What the forwarded request says about the client.
@@ -77,7 +71,7 @@ pub struct Forwarded<'a> {
     /// The client's address, or `None` when the connection has none (in-process tests).
     pub client_ip: Option<std::net::IpAddr>,
     /// `http` or `https`: how the client reached this host.
-    pub proto: &'a str,
+    pub proto: &'static str,
     /// The `Host` the client asked for.
     pub host: Option<&'a str>,
 }
@@ -85,10 +79,12 @@ pub struct Forwarded<'a> {
 /// Appends the client to `X-Forwarded-For`, `-Proto` and `-Host`.
 pub fn add_forwarded(headers: &mut HeaderMap, forwarded: &Forwarded<'_>) {
     if let Some(ip) = forwarded.client_ip {
-        append_to_list(headers, HeaderName::from_static("x-forwarded-for"), &ip.to_string());
+        let ip = HeaderValue::try_from(ip.to_string()).expect("an IP address is a valid header value");
+        append_to_list(headers, HeaderName::from_static("x-forwarded-for"), ip);
     }
-    append_to_list(headers, HeaderName::from_static("x-forwarded-proto"), forwarded.proto);
-    if let Some(host) = forwarded.host {
+    let proto = HeaderValue::from_static(forwarded.proto);
+    append_to_list(headers, HeaderName::from_static("x-forwarded-proto"), proto);
+    if let Some(host) = forwarded.host.and_then(|host| HeaderValue::from_str(host).ok()) {
         append_to_list(headers, HeaderName::from_static("x-forwarded-host"), host);
     }
 }

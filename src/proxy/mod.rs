@@ -8,16 +8,19 @@
 //! WebSocket upgrades are tunnelled ([`websocket`]).
 
 mod headers;
+mod http1;
 mod rules;
 mod tls;
 mod websocket;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::Request;
 use axum::response::Response;
 use http::header::{self, HeaderValue};
+use http::Uri;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -40,6 +43,9 @@ type Connector = HttpsConnector<HttpConnector>;
 
 /// The clients that reach upstreams, shared by every rule of every app.
 pub struct Upstreams {
+    /// Plain `http` targets: connections driven by the requests themselves ([`http1`]).
+    plain: Arc<http1::Http1Pool>,
+    /// `https` targets, HTTP/1.1 or HTTP/2 by ALPN.
     verified: Client<Connector, Body>,
     unverified: Client<Connector, Body>,
     /// HTTP/1.1-only connectors for WebSocket upgrades, which are not pooled.
@@ -66,6 +72,7 @@ impl Upstreams {
                 .build(connector)
         };
         Upstreams {
+            plain: Arc::default(),
             verified: client(connector(tls::verified(), true)),
             unverified: client(connector(tls::unverified(), true)),
             tunnel_verified: connector(tls::verified(), false),
@@ -129,6 +136,12 @@ impl Upstreams {
         } else if let Some(host) = client_host.as_deref().and_then(|h| HeaderValue::from_str(h).ok()) {
             headers.insert(header::HOST, host);
         }
+        if !headers.contains_key(header::HOST) {
+            // HTTP/1.1 requires one; a client without (HTTP/1.0, or HTTP/2 without `:authority`) gets the target's.
+            let authority =
+                HeaderValue::from_str(rule.target.authority.as_str()).expect("an authority is a valid header");
+            headers.insert(header::HOST, authority);
+        }
         for name in rule.headers.keys() {
             headers.remove(name);
         }
@@ -151,8 +164,19 @@ impl Upstreams {
 
         let mut upstream = http::Request::new(body);
         *upstream.method_mut() = parts.method;
-        *upstream.uri_mut() = uri;
         *upstream.headers_mut() = headers;
+        if rule.target.scheme == http::uri::Scheme::HTTP {
+            // Origin-form on the wire: a hyper connection writes the URI as it is given.
+            *upstream.uri_mut() = uri
+                .path_and_query()
+                .cloned()
+                .map_or_else(|| Uri::from_static("/"), Uri::from);
+            let response = within(rule, self.plain.send(&rule.target.authority, upstream))
+                .await?
+                .map_err(|e| failed(rule, error_chain(e.as_ref())))?;
+            return Ok(client_response(rule, response, &prefix));
+        }
+        *upstream.uri_mut() = uri;
         let client = if rule.secure { &self.verified } else { &self.unverified };
         let response = within(rule, client.request(upstream))
             .await?
@@ -215,11 +239,10 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 
 /// The upstream's response as the client gets it: hop-by-hop headers dropped, `Via` added, redirects to the
 /// upstream rewritten, the body streamed (and cut if the upstream stalls longer than the rule's timeout).
-fn client_response(
-    rule: &Rule,
-    response: http::Response<hyper::body::Incoming>,
-    client_prefix: &(dyn Fn() -> String + Sync),
-) -> Response {
+fn client_response<B>(rule: &Rule, response: http::Response<B>, client_prefix: &(dyn Fn() -> String + Sync)) -> Response
+where
+    B: http_body::Body<Data = bytes::Bytes, Error = hyper::Error> + Send + 'static,
+{
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     headers::add_via(&mut parts.headers, parts.version);

@@ -1,0 +1,224 @@
+//! Plain `http` upstreams over HTTP/1.1, each connection driven by the request that is using it.
+//!
+//! hyper-util's pooled client runs every connection as a task of its own, so each forwarded request crosses
+//! tasks twice (a channel to the connection's task, a oneshot back), often between threads; profiling the proxy
+//! benchmark found that hand-off and the pool around it among the largest costs of a proxied request. Here a
+//! connection is hyper's `SendRequest`/`Connection` pair, polled by whoever holds it: the request's own future
+//! until the response head arrives, then the response body as the front server pulls it (so a slow client slows
+//! the upstream down, as it should). When the body ends the pair goes back to an idle list; a body dropped midway
+//! closes its connection, since HTTP/1 cannot abandon a response and go on using the connection.
+//!
+//! `https` targets keep hyper-util's client (TLS, HTTP/2 by ALPN), whose costs are dwarfed by the encryption.
+
+use std::collections::HashMap;
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::Instant;
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::uri::Authority;
+use http_body::{Body as _, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::{CONNECT_TIMEOUT, POOL_IDLE_TIMEOUT, POOL_MAX_IDLE_PER_HOST};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One upstream connection: the handle requests are sent on, and the state machine that moves its bytes.
+struct Connection {
+    sender: http1::SendRequest<Body>,
+    driver: http1::Connection<TokioIo<TcpStream>, Body>,
+}
+
+impl Connection {
+    /// Moves the connection's bytes; ready when the connection has ended (closed by either side, or failed), after
+    /// which it must not be polled again.
+    fn poll_drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        Pin::new(&mut self.driver).poll(cx).map(|_| ())
+    }
+
+    /// Whether the connection can take a request now: polled once, still open, and waiting for the next request
+    /// (a response read to its end with the request fully written, and no `Connection: close`).
+    fn poll_reusable(&mut self, cx: &mut Context<'_>) -> bool {
+        self.poll_drive(cx).is_pending() && self.sender.is_ready()
+    }
+}
+
+struct Idle {
+    connection: Connection,
+    since: Instant,
+}
+
+/// Idle connections to plain-HTTP upstreams, per authority, most recently used last.
+#[derive(Default)]
+pub struct Http1Pool {
+    idle: Mutex<HashMap<Authority, Vec<Idle>>>,
+}
+
+impl Http1Pool {
+    /// Sends `request` (origin-form URI, `Host` set) to `authority` on an idle connection, or a new one. A request
+    /// that an idle connection closed under before a byte of it was written is sent again on a new connection.
+    pub async fn send(
+        self: &Arc<Self>,
+        authority: &Authority,
+        mut request: http::Request<Body>,
+    ) -> Result<http::Response<UpstreamBody>, BoxError> {
+        loop {
+            let (mut connection, reused) = match self.ready_idle(authority).await {
+                Some(connection) => (connection, true),
+                None => (connect(authority).await?, false),
+            };
+            let mut response = std::pin::pin!(connection.sender.try_send_request(request));
+            let mut ended = false;
+            let result = poll_fn(|cx| {
+                if !ended && connection.poll_drive(cx).is_ready() {
+                    // The response future now fails too: hyper answers every queued request when it stops.
+                    ended = true;
+                }
+                response.as_mut().poll(cx)
+            })
+            .await;
+            match result {
+                Ok(response) => {
+                    let connection = (!ended).then_some(connection);
+                    return Ok(self.stream(authority, response, connection).await);
+                }
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) if reused => request = unsent,
+                    _ => return Err(error.into_error().into()),
+                },
+            }
+        }
+    }
+
+    /// The response with a body that keeps driving `connection` and hands it back at its end.
+    async fn stream(
+        self: &Arc<Self>,
+        authority: &Authority,
+        response: http::Response<Incoming>,
+        mut connection: Option<Connection>,
+    ) -> http::Response<UpstreamBody> {
+        let (parts, incoming) = response.into_parts();
+        if incoming.is_end_stream() {
+            // No body to pull (HEAD, 204, 304, `Content-Length: 0`): the connection is free now.
+            poll_fn(|cx| {
+                if let Some(connection) = connection.take() {
+                    self.check_in(authority, connection, cx);
+                }
+                Poll::Ready(())
+            })
+            .await;
+        }
+        let body = UpstreamBody {
+            incoming,
+            connection,
+            pool: self.clone(),
+            authority: authority.clone(),
+        };
+        http::Response::from_parts(parts, body)
+    }
+
+    /// The most recently used idle connection to `authority` that is still open, dropping closed and stale ones.
+    async fn ready_idle(&self, authority: &Authority) -> Option<Connection> {
+        loop {
+            let mut idle = self.take_idle(authority)?;
+            // Polling it reads what arrived while idle: an EOF ends it, and its sender turns ready.
+            if poll_fn(|cx| Poll::Ready(idle.poll_reusable(cx))).await {
+                return Some(idle);
+            }
+        }
+    }
+
+    fn take_idle(&self, authority: &Authority) -> Option<Connection> {
+        let mut idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let list = idle.get_mut(authority)?;
+        let fresh_from = list.partition_point(|entry| entry.since.elapsed() > POOL_IDLE_TIMEOUT);
+        list.drain(..fresh_from);
+        list.pop().map(|entry| entry.connection)
+    }
+
+    /// Puts `connection` on the idle list if it can take another request (polling it once to find out), or
+    /// closes it.
+    fn check_in(&self, authority: &Authority, mut connection: Connection, cx: &mut Context<'_>) {
+        if !connection.poll_reusable(cx) {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let list = idle.entry(authority.clone()).or_default();
+        if list.len() < POOL_MAX_IDLE_PER_HOST {
+            list.push(Idle {
+                connection,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+/// Opens a TCP connection to `authority` (port 80 when it names none) and starts HTTP/1.1 on it.
+async fn connect(authority: &Authority) -> Result<Connection, BoxError> {
+    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    let port = authority.port_u16().unwrap_or(80);
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port))).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => return Err(format!("cannot connect to {authority}: {error}").into()),
+        Err(_) => {
+            let secs = CONNECT_TIMEOUT.as_secs();
+            return Err(format!("cannot connect to {authority}: no answer within {secs} s").into());
+        }
+    };
+    stream.set_nodelay(true)?;
+    let (sender, driver) = http1::handshake(TokioIo::new(stream)).await?;
+    Ok(Connection { sender, driver })
+}
+
+/// A response body that drives its connection while it streams, and returns it to the pool at its end.
+pub struct UpstreamBody {
+    incoming: Incoming,
+    /// Until the body ends (then idle in the pool) or the connection does.
+    connection: Option<Connection>,
+    pool: Arc<Http1Pool>,
+    authority: Authority,
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        if let Some(connection) = this.connection.as_mut() {
+            if connection.poll_drive(cx).is_ready() {
+                this.connection = None;
+            }
+        }
+        let frame = ready!(Pin::new(&mut this.incoming).poll_frame(cx));
+        let finished = match &frame {
+            Some(Ok(_)) => this.incoming.is_end_stream(),
+            Some(Err(_)) => {
+                this.connection = None;
+                false
+            }
+            None => true,
+        };
+        if finished {
+            if let Some(connection) = this.connection.take() {
+                this.pool.check_in(&this.authority, connection, cx);
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.incoming.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.incoming.size_hint()
+    }
+}
