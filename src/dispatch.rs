@@ -3,7 +3,7 @@
 //! Everything that is not an internal `/_/` route lands here. The version is resolved once, from one snapshot,
 //! and held (an `Arc`) for the whole request, so a reload or removal mid-request cannot change what serves it.
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 
@@ -29,10 +29,10 @@ pub struct Served {
     pub stats: Arc<AppStats>,
 }
 
-/// The fallback handler: every request that is not an internal route.
-pub async fn handle(State(state): State<AppState>, request: Request) -> Response {
+/// Every request that is not for an internal route.
+pub async fn handle(state: &AppState, request: Request) -> Response {
     let arrived = std::time::Instant::now();
-    let (served, result) = route(&state, request, arrived).await;
+    let (served, result) = route(state, request, arrived).await;
     let mut response = result.unwrap_or_else(IntoResponse::into_response);
     response.extensions_mut().insert(served);
     response

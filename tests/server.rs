@@ -12,8 +12,7 @@ use marina::engine::{Engine, EngineSettings};
 use marina::lifecycle::Lifecycle;
 use marina::pool::Pool;
 use marina::registry::Registry;
-use marina::server::{router, AppState};
-use tower::ServiceExt;
+use marina::server::{AppState, Front};
 
 #[tokio::test]
 async fn http2_with_prior_knowledge_is_served_on_the_same_port() {
@@ -49,7 +48,7 @@ fn state_in(phase: impl Fn(&Lifecycle)) -> AppState {
 
 async fn get(state: AppState, path: &str) -> (u16, Option<String>, String) {
     let request = axum::http::Request::get(path).body(Body::empty()).unwrap();
-    let response = router(state).oneshot(request).await.unwrap();
+    let response = Front::new(state).handle(request).await;
     let status = response.status().as_u16();
     let retry = response
         .headers()
