@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Instant;
 
 use axum::body::Body;
@@ -44,14 +44,18 @@ impl Connection {
     }
 
     /// Whether the connection can take a request now: polled once, still open, and waiting for the next request
-    /// (a response read to its end with the request fully written, and no `Connection: close`).
-    fn poll_reusable(&mut self, cx: &mut Context<'_>) -> bool {
-        self.poll_drive(cx).is_pending() && self.sender.is_ready()
+    /// (a response read to its end with the request fully written, and no `Connection: close`). Polled with a
+    /// waker that does nothing: no task waits on an idle connection; the next request that takes it polls it
+    /// with its own.
+    fn poll_reusable(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        self.poll_drive(&mut cx).is_pending() && self.sender.is_ready()
     }
 }
 
 struct Idle {
-    connection: Connection,
+    /// Boxed, as everywhere: the pair is ~700 bytes, moved in and out of the list on every request.
+    connection: Box<Connection>,
     since: Instant,
 }
 
@@ -70,9 +74,10 @@ impl Http1Pool {
         mut request: http::Request<Body>,
     ) -> Result<http::Response<UpstreamBody>, BoxError> {
         loop {
-            let (mut connection, reused) = match self.ready_idle(authority).await {
+            let (mut connection, reused) = match self.ready_idle(authority) {
                 Some(connection) => (connection, true),
-                None => (connect(authority).await?, false),
+                // Boxed: a new connection is the rare case, and its DNS and connect futures are large.
+                None => (Box::pin(connect(authority)).await?, false),
             };
             let mut response = std::pin::pin!(connection.sender.try_send_request(request));
             let mut ended = false;
@@ -85,10 +90,7 @@ impl Http1Pool {
             })
             .await;
             match result {
-                Ok(response) => {
-                    let connection = (!ended).then_some(connection);
-                    return Ok(self.stream(authority, response, connection).await);
-                }
+                Ok(response) => return Ok(self.stream(authority, response, (!ended).then_some(connection))),
                 Err(mut error) => match error.take_message() {
                     Some(unsent) if reused => request = unsent,
                     _ => return Err(error.into_error().into()),
@@ -98,22 +100,18 @@ impl Http1Pool {
     }
 
     /// The response with a body that keeps driving `connection` and hands it back at its end.
-    async fn stream(
+    fn stream(
         self: &Arc<Self>,
         authority: &Authority,
         response: http::Response<Incoming>,
-        mut connection: Option<Connection>,
+        mut connection: Option<Box<Connection>>,
     ) -> http::Response<UpstreamBody> {
         let (parts, incoming) = response.into_parts();
         if incoming.is_end_stream() {
             // No body to pull (HEAD, 204, 304, `Content-Length: 0`): the connection is free now.
-            poll_fn(|cx| {
-                if let Some(connection) = connection.take() {
-                    self.check_in(authority, connection, cx);
-                }
-                Poll::Ready(())
-            })
-            .await;
+            if let Some(connection) = connection.take() {
+                self.check_in(authority, connection);
+            }
         }
         let body = UpstreamBody {
             incoming,
@@ -125,17 +123,17 @@ impl Http1Pool {
     }
 
     /// The most recently used idle connection to `authority` that is still open, dropping closed and stale ones.
-    async fn ready_idle(&self, authority: &Authority) -> Option<Connection> {
+    fn ready_idle(&self, authority: &Authority) -> Option<Box<Connection>> {
         loop {
             let mut idle = self.take_idle(authority)?;
             // Polling it reads what arrived while idle: an EOF ends it, and its sender turns ready.
-            if poll_fn(|cx| Poll::Ready(idle.poll_reusable(cx))).await {
+            if idle.poll_reusable() {
                 return Some(idle);
             }
         }
     }
 
-    fn take_idle(&self, authority: &Authority) -> Option<Connection> {
+    fn take_idle(&self, authority: &Authority) -> Option<Box<Connection>> {
         let mut idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let list = idle.get_mut(authority)?;
         let fresh_from = list.partition_point(|entry| entry.since.elapsed() > POOL_IDLE_TIMEOUT);
@@ -145,8 +143,8 @@ impl Http1Pool {
 
     /// Puts `connection` on the idle list if it can take another request (polling it once to find out), or
     /// closes it.
-    fn check_in(&self, authority: &Authority, mut connection: Connection, cx: &mut Context<'_>) {
-        if !connection.poll_reusable(cx) {
+    fn check_in(&self, authority: &Authority, mut connection: Box<Connection>) {
+        if !connection.poll_reusable() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -161,7 +159,7 @@ impl Http1Pool {
 }
 
 /// Opens a TCP connection to `authority` (port 80 when it names none) and starts HTTP/1.1 on it.
-async fn connect(authority: &Authority) -> Result<Connection, BoxError> {
+async fn connect(authority: &Authority) -> Result<Box<Connection>, BoxError> {
     let host = authority.host().trim_start_matches('[').trim_end_matches(']');
     let port = authority.port_u16().unwrap_or(80);
     let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port))).await {
@@ -174,14 +172,14 @@ async fn connect(authority: &Authority) -> Result<Connection, BoxError> {
     };
     stream.set_nodelay(true)?;
     let (sender, driver) = http1::handshake(TokioIo::new(stream)).await?;
-    Ok(Connection { sender, driver })
+    Ok(Box::new(Connection { sender, driver }))
 }
 
 /// A response body that drives its connection while it streams, and returns it to the pool at its end.
 pub struct UpstreamBody {
     incoming: Incoming,
     /// Until the body ends (then idle in the pool) or the connection does.
-    connection: Option<Connection>,
+    connection: Option<Box<Connection>>,
     pool: Arc<Http1Pool>,
     authority: Authority,
 }
@@ -208,7 +206,7 @@ impl http_body::Body for UpstreamBody {
         };
         if finished {
             if let Some(connection) = this.connection.take() {
-                this.pool.check_in(&this.authority, connection, cx);
+                this.pool.check_in(&this.authority, connection);
             }
         }
         Poll::Ready(frame)

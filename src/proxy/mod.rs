@@ -159,7 +159,8 @@ impl Upstreams {
                 client_upgrade,
                 client_prefix: &prefix,
             };
-            return tunnel.open(self).await;
+            // Boxed: rare, and its handshakes would otherwise size every proxied request's future.
+            return Box::pin(tunnel.open(self)).await;
         }
 
         let mut upstream = http::Request::new(body);
