@@ -8,7 +8,8 @@
 //! WebSocket upgrades are tunnelled ([`websocket`]).
 
 mod headers;
-mod http1;
+// Public for the proxy benchmark's floor scenario (the pool behind a bare hyper server).
+pub mod http1;
 mod rules;
 mod tls;
 mod websocket;
