@@ -161,7 +161,10 @@ fn main() {
             for round in 0..rounds.max(1) {
                 for ((name, url), runs) in scenarios.iter().zip(&mut runs) {
                     let load = wrk(url, secs);
-                    eprintln!("round {round}: {name}: {:.0} requests/s, p99 {:.2} ms", load.rps, load.p99_ms);
+                    eprintln!(
+                        "round {round}: {name}: {:.0} requests/s, p99 {:.2} ms",
+                        load.rps, load.p99_ms
+                    );
                     runs.push(load);
                 }
             }

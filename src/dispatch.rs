@@ -45,7 +45,9 @@ async fn route(state: &AppState, request: Request, arrived: std::time::Instant) 
     if state.lifecycle.phase() == Phase::Loading {
         return (unrouted(), Err(Error::Loading));
     }
-    let path = request.uri().path();
+    // A shared buffer: the clone copies nothing, and lets the path be borrowed while the request moves on.
+    let uri = request.uri().clone();
+    let path = uri.path();
     let (segment, rest) = split_mount(path);
     if segment.is_empty() {
         let error = Error::NoRoute("name an app in the path: /<app>[@<version>]/...".into());
@@ -58,10 +60,11 @@ async fn route(state: &AppState, request: Request, arrived: std::time::Instant) 
     let served = Served {
         stats: state.metrics.app(&resolved.app.name, &resolved.version.version),
     };
-    let (segment, rest) = (segment.to_owned(), rest.to_owned());
+    // `/app@1`: what the client put before the app's own path.
+    let mount = &path[..path.len() - rest.len()];
     // Everything before this point is synchronous; from here the client may go away while we wait.
     let in_flight = state.metrics.in_flight(&served.stats, arrived);
-    let result = serve(state, &resolved, &served, &segment, &rest, request, arrived).await;
+    let result = serve(state, &resolved, &served, mount, rest, request, arrived).await;
     in_flight.answered();
     (served, result)
 }
@@ -70,7 +73,7 @@ async fn serve(
     state: &AppState,
     resolved: &Resolved,
     served: &Served,
-    segment: &str,
+    mount: &str,
     rest: &str,
     request: Request,
     arrived: std::time::Instant,
@@ -107,10 +110,7 @@ async fn serve(
     // Proxy rules come before whatever the version runs: a matched request never reaches a worker.
     let app_path = if rest.is_empty() { "/" } else { rest };
     if let Some(matched) = deployment.proxy.find(app_path) {
-        return state
-            .upstreams
-            .forward(&matched, &format!("/{segment}"), app_path, request)
-            .await;
+        return state.upstreams.forward(&matched, mount, app_path, request).await;
     }
     match deployment.kind {
         AppKind::Static => {
@@ -118,7 +118,7 @@ async fn serve(
             if rest.is_empty() && (method == Method::GET || method == Method::HEAD) {
                 // `/app@1` -> `/app@1/`, so that the page's relative links resolve under its prefix.
                 let query = request.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
-                return Ok(permanent_redirect(&format!("/{segment}/{query}")));
+                return Ok(permanent_redirect(&format!("{mount}/{query}")));
             }
             static_files::serve(deployment, app_path, method, request.headers()).await
         }

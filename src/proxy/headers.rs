@@ -73,7 +73,7 @@ pub struct Forwarded<'a> {
     /// `http` or `https`: how the client reached this host.
     pub proto: &'static str,
     /// The `Host` the client asked for.
-    pub host: Option<&'a str>,
+    pub host: Option<&'a HeaderValue>,
 }
 
 /// Appends the client to `X-Forwarded-For`, `-Proto` and `-Host`.
@@ -84,8 +84,8 @@ pub fn add_forwarded(headers: &mut HeaderMap, forwarded: &Forwarded<'_>) {
     }
     let proto = HeaderValue::from_static(forwarded.proto);
     append_to_list(headers, HeaderName::from_static("x-forwarded-proto"), proto);
-    if let Some(host) = forwarded.host.and_then(|host| HeaderValue::from_str(host).ok()) {
-        append_to_list(headers, HeaderName::from_static("x-forwarded-host"), host);
+    if let Some(host) = forwarded.host {
+        append_to_list(headers, HeaderName::from_static("x-forwarded-host"), host.clone());
     }
 }
 
@@ -175,7 +175,7 @@ mod tests {
             &Forwarded {
                 client_ip: Some("127.0.0.1".parse().unwrap()),
                 proto: "http",
-                host: Some("example.test"),
+                host: Some(&HeaderValue::from_static("example.test")),
             },
         );
         add_via(&mut map, Version::HTTP_11);

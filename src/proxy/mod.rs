@@ -97,18 +97,19 @@ impl Upstreams {
         mut request: Request,
     ) -> Result<Response, Error> {
         let rule = matched.rule;
-        let query = request.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
         let uri = rule
             .target
-            .uri(&format!("{}{query}", matched.path))
+            .uri(&matched.path, request.uri().query())
             .map_err(|e| failed(rule, format!("the forwarded URL is invalid: {e}")))?;
         let client_version = request.version();
-        let client_host = request
-            .headers()
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .or_else(|| request.uri().authority().map(|a| a.as_str()))
-            .map(str::to_owned);
+        // A header value is a shared buffer: cloning it copies nothing.
+        let client_host = match request.headers().get(header::HOST) {
+            Some(host) => Some(host.clone()),
+            None => request
+                .uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        };
         let client_ip = request.extensions().get::<ClientAddr>().map(|addr| addr.0.ip());
         let client_upgrade = websocket::is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
         let (parts, body) = request.into_parts();
@@ -121,7 +122,7 @@ impl Upstreams {
                 client_ip,
                 // The front server speaks plain HTTP (h1 and h2c); TLS termination, when it comes, sets this.
                 proto: "http",
-                host: client_host.as_deref(),
+                host: client_host.as_ref(),
             },
         );
         headers::add_via(&mut headers, client_version);
@@ -134,7 +135,7 @@ impl Upstreams {
                     headers.insert(header::ORIGIN, origin);
                 }
             }
-        } else if let Some(host) = client_host.as_deref().and_then(|h| HeaderValue::from_str(h).ok()) {
+        } else if let Some(host) = client_host {
             headers.insert(header::HOST, host);
         }
         if !headers.contains_key(header::HOST) {

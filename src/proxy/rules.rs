@@ -43,13 +43,21 @@ impl Target {
         format!("{}://{}", self.scheme, self.authority)
     }
 
-    /// The URL for `path_and_query` (which starts with `/`) on this target.
-    pub fn uri(&self, path_and_query: &str) -> Result<Uri, http::Error> {
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(format!("{}{path_and_query}", self.prefix))
-            .build()
+    /// The URL for `path` (which starts with `/`) and `query` on this target.
+    pub fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+        let query_len = query.map_or(0, |query| query.len() + 1);
+        let mut path_and_query = String::with_capacity(self.prefix.len() + path.len() + query_len);
+        path_and_query.push_str(&self.prefix);
+        path_and_query.push_str(path);
+        if let Some(query) = query {
+            path_and_query.push('?');
+            path_and_query.push_str(query);
+        }
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(http::uri::PathAndQuery::try_from(path_and_query)?);
+        Ok(Uri::from_parts(parts)?)
     }
 }
 
@@ -310,7 +318,7 @@ mod tests {
         let matched = rules.find("/x/users").unwrap();
         assert_eq!(matched.path, "/x/users");
         assert_eq!(
-            matched.rule.target.uri(&format!("{}?q=1", matched.path)).unwrap(),
+            matched.rule.target.uri(&matched.path, Some("q=1")).unwrap(),
             "http://a/base/x/users?q=1"
         );
         assert!(rules.find("/other").is_none());
