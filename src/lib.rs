@@ -4,7 +4,7 @@
 //! How the parts fit, in the order a request meets them:
 //!
 //! - [`cli`]: the `marina` command (`serve`, `check`, `schema`); settings are validated before anything binds.
-//! - [`server`]: the accept loop (HTTP/1.1 and h2c on one port, limits, graceful drain) and the router.
+//! - [`server`]: the accept loop (HTTP/1.1 and h2c on one port, limits, graceful drain) and the front door.
 //! - [`access_log`]: one structured log line per request.
 //! - [`internal`]: the host's own routes under `/_/` (health, readiness, deployments, metrics, the dashboard).
 //! - [`metrics`]: request and pool counters, latency histograms, the JSON/Prometheus/SSE views of them.

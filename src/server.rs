@@ -1,4 +1,5 @@
-//! The front server: the router, and the accept loop that serves it over HTTP/1.1 and HTTP/2 on one port.
+//! The front server: the front door every request goes through ([`Front`]: limits, access line, metrics, then an
+//! app or an internal route), and the accept loop that serves it over HTTP/1.1 and HTTP/2 on one port.
 //!
 //! `run` takes a bound listener and a shutdown future (mini-redis's shape), so tests bind `127.0.0.1:0` and drive
 //! the same code the binary runs. The accept loop is hyper-util's auto connection (HTTP/1.1, or HTTP/2 when the

@@ -3,8 +3,9 @@
 //!
 //! Rules are compiled when the config loads ([`Rules`]); this module forwards a matched request: the URL from the
 //! target and the rewritten path, the client's query kept; headers as a proxy should treat them ([`headers`]);
-//! bodies streamed both ways; failures as 502 or 504 naming the rule. Upstream connections are pooled (keep-alive,
-//! HTTP/2 where the upstream offers it over TLS), in one pool for verified TLS and another for `secure: false`.
+//! bodies streamed both ways; failures as 502 or 504 naming the rule. Upstream connections are pooled: plain `http`
+//! ones on connections the requests drive themselves ([`http1`]), `https` ones in hyper-util's client (keep-alive,
+//! HTTP/2 where the upstream offers it), one pool for verified TLS and another for `secure: false`.
 //! WebSocket upgrades are tunnelled ([`websocket`]).
 
 mod headers;
