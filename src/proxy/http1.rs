@@ -59,10 +59,40 @@ struct Idle {
     since: Instant,
 }
 
+/// How often a check-in also drops the stale connections of every upstream, not only its own: an upstream no rule
+/// names any more (a config reload) would otherwise keep its idle connections open for the life of the process.
+const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Idle connections to plain-HTTP upstreams, per authority, most recently used last.
-#[derive(Default)]
 pub struct Http1Pool {
-    idle: Mutex<HashMap<Authority, Vec<Idle>>>,
+    idle: Mutex<IdleLists>,
+}
+
+struct IdleLists {
+    by_authority: HashMap<Authority, Vec<Idle>>,
+    swept: Instant,
+}
+
+impl Default for Http1Pool {
+    fn default() -> Self {
+        Http1Pool {
+            idle: Mutex::new(IdleLists {
+                by_authority: HashMap::new(),
+                swept: Instant::now(),
+            }),
+        }
+    }
+}
+
+impl IdleLists {
+    /// Drops every connection idle for longer than [`POOL_IDLE_TIMEOUT`] at `now`, and the lists left empty.
+    fn sweep(&mut self, now: Instant) {
+        self.by_authority.retain(|_, list| {
+            list.retain(|entry| now.saturating_duration_since(entry.since) <= POOL_IDLE_TIMEOUT);
+            !list.is_empty()
+        });
+        self.swept = now;
+    }
 }
 
 impl Http1Pool {
@@ -135,7 +165,7 @@ impl Http1Pool {
 
     fn take_idle(&self, authority: &Authority) -> Option<Box<Connection>> {
         let mut idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let list = idle.get_mut(authority)?;
+        let list = idle.by_authority.get_mut(authority)?;
         let fresh_from = list.partition_point(|entry| entry.since.elapsed() > POOL_IDLE_TIMEOUT);
         list.drain(..fresh_from);
         list.pop().map(|entry| entry.connection)
@@ -147,13 +177,14 @@ impl Http1Pool {
         if !connection.poll_reusable() {
             return;
         }
+        let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let list = idle.entry(authority.clone()).or_default();
+        if now.saturating_duration_since(idle.swept) > SWEEP_INTERVAL {
+            idle.sweep(now);
+        }
+        let list = idle.by_authority.entry(authority.clone()).or_default();
         if list.len() < POOL_MAX_IDLE_PER_HOST {
-            list.push(Idle {
-                connection,
-                since: Instant::now(),
-            });
+            list.push(Idle { connection, since: now });
         }
     }
 }
@@ -218,5 +249,49 @@ impl http_body::Body for UpstreamBody {
 
     fn size_hint(&self) -> SizeHint {
         self.incoming.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection to a listener on 127.0.0.1 that accepts and then holds its end open.
+    async fn idle_connection() -> (Authority, Box<Connection>, tokio::net::TcpListener) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let connection = connect(&authority).await.unwrap();
+        (authority, connection, listener)
+    }
+
+    #[tokio::test]
+    async fn a_sweep_closes_stale_connections_of_every_upstream_and_keeps_fresh_ones() {
+        let pool = Http1Pool::default();
+        let (gone, stale, _a) = idle_connection().await;
+        let (used, fresh, _b) = idle_connection().await;
+        let then = Instant::now();
+        {
+            let mut idle = pool.idle.lock().unwrap();
+            idle.by_authority.insert(
+                gone.clone(),
+                vec![Idle {
+                    connection: stale,
+                    since: then,
+                }],
+            );
+            let later = then + POOL_IDLE_TIMEOUT;
+            idle.by_authority.insert(
+                used.clone(),
+                vec![Idle {
+                    connection: fresh,
+                    since: later,
+                }],
+            );
+            idle.sweep(later + std::time::Duration::from_secs(1));
+            assert!(!idle.by_authority.contains_key(&gone), "the stale list is gone");
+            assert_eq!(idle.by_authority[&used].len(), 1, "the fresh connection stays");
+        }
+        assert!(pool.take_idle(&used).is_some());
+        assert!(pool.take_idle(&gone).is_none());
     }
 }
