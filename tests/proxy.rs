@@ -723,9 +723,9 @@ async fn upstream_connections_are_kept_alive_and_reused() {
     );
 }
 
-/// A raw HTTP/1.1 upstream that answers each connection's first request with `body` and then, as `close` says,
-/// announces `Connection: close` or just closes the socket without a word (as an upstream whose keep-alive
-/// timer fired does). Counts the connections it accepts.
+/// A raw HTTP/1.1 upstream that answers each connection's first request with `connection <n>` and then closes
+/// it: having said `Connection: close` when `announce`, or without a word (as an upstream whose keep-alive timer
+/// fired does). Counts the connections it accepts.
 async fn one_shot_upstream(announce: bool) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
