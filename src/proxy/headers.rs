@@ -44,7 +44,9 @@ fn append_to_list(headers: &mut HeaderMap, name: HeaderName, value: HeaderValue)
         headers.insert(name, value);
         return;
     }
-    let joined = format!("{}, {}", existing.join(", "), value.to_str().unwrap_or_default());
+    // A value that is not visible ASCII (a client's odd `Host`) cannot be joined into a list: leave the list be.
+    let Ok(value) = value.to_str() else { return };
+    let joined = format!("{}, {value}", existing.join(", "));
     if let Ok(joined) = HeaderValue::from_str(&joined) {
         headers.insert(name, joined);
     }
