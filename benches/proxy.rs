@@ -153,12 +153,8 @@ fn main() {
             for (_, url) in &scenarios {
                 let _ = wrk(url, 1);
             }
-            let rounds: usize = std::env::var("BENCH_ROUNDS")
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(3);
             let mut runs: Vec<Vec<Load>> = scenarios.iter().map(|_| Vec::new()).collect();
-            for round in 0..rounds.max(1) {
+            for round in 0..harness::rounds() {
                 for ((name, url), runs) in scenarios.iter().zip(&mut runs) {
                     let load = wrk(url, secs);
                     eprintln!(

@@ -144,11 +144,16 @@ pub async fn smoke(url: &str) {
 /// default 10).
 pub fn settings() -> (bool, u64) {
     let benchmarking = std::env::args().any(|arg| arg == "--bench");
-    let secs = std::env::var("BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
-    (benchmarking, secs)
+    (benchmarking, env_number("BENCH_SECS", 10))
+}
+
+/// How many rounds the scenarios take turns for (`BENCH_ROUNDS`, default 3, at least 1).
+pub fn rounds() -> usize {
+    env_number("BENCH_ROUNDS", 3).max(1) as usize
+}
+
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
 }
 
 /// A free port on 127.0.0.1, for a child process to listen on.
