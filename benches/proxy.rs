@@ -8,6 +8,11 @@
 //! each scenario's median round. The upstream is an axum "hello" handler on a runtime of its own. Run without
 //! `--bench` (as `cargo test --all-targets` does) it only checks that every scenario answers.
 //!
+//! Besides rate and latency, each run reports the CPU time the forwarder and the upstream spent per request (from
+//! `/proc`). On this shared 2-core machine the load generator, the upstream and the forwarder compete for the same
+//! cores, so the rate a forwarder reaches follows from what each request costs it; CPU per request is also steadier
+//! from run to run than the rate.
+//!
 //! The comparison is not quite like for like, in nginx's favour: Marina also resolves the app's version, matches
 //! the rule's regex, and adds `X-Forwarded-For`, `-Proto`, `-Host` and `Via`, which this nginx config does not.
 //! The floor does none of that either: it forwards path and headers as they come, so the distance between it and
@@ -26,6 +31,9 @@ use serde_json::json;
 
 mod harness;
 use harness::{start_marina, start_native, wrk, Load, CONNECTIONS};
+
+/// The name of the upstream runtime's threads, whose CPU time is counted apart.
+const UPSTREAM_THREADS: &str = "upstream";
 
 /// Marina's plain-HTTP upstream pool behind hyper's HTTP/1.1 server and nothing else: what forwarding costs on
 /// this stack before any of Marina's own work.
@@ -58,17 +66,66 @@ async fn start_floor(upstream: SocketAddr) -> (SocketAddr, tokio::task::JoinHand
     (addr, task)
 }
 
-/// The median of each figure of `runs`, taken separately.
-fn median(runs: Vec<Load>) -> Load {
-    let middle = |figure: fn(&Load) -> f64| {
-        let mut values: Vec<f64> = runs.iter().map(figure).collect();
+/// Whose CPU time a scenario's forwarding costs.
+enum Forwarder {
+    /// No one: the load goes straight to the upstream.
+    None,
+    /// This process's threads, except the upstream's.
+    ThisProcess,
+    /// The nginx master process with this pid, and its workers.
+    Nginx(u32),
+}
+
+impl Forwarder {
+    fn cpu(&self) -> Duration {
+        let this = std::process::id();
+        match self {
+            Forwarder::None => Duration::ZERO,
+            Forwarder::ThisProcess => harness::process_cpu(this).saturating_sub(upstream_cpu()),
+            Forwarder::Nginx(pid) => harness::process_tree_cpu(*pid),
+        }
+    }
+}
+
+fn upstream_cpu() -> Duration {
+    harness::threads_cpu(std::process::id(), UPSTREAM_THREADS)
+}
+
+/// One scenario's run: the load's figures, and the CPU time spent per request by the forwarder and the upstream.
+struct Round {
+    load: Load,
+    forwarder_us: f64,
+    upstream_us: f64,
+}
+
+/// Runs the load against `url` and measures whose CPU it took.
+fn round(url: &str, secs: u64, forwarder: &Forwarder) -> Round {
+    let (forwarder_before, upstream_before) = (forwarder.cpu(), upstream_cpu());
+    let load = wrk(url, secs);
+    let per_request = |spent: Duration| spent.as_secs_f64() * 1e6 / load.requests.max(1) as f64;
+    Round {
+        forwarder_us: per_request(forwarder.cpu().saturating_sub(forwarder_before)),
+        upstream_us: per_request(upstream_cpu().saturating_sub(upstream_before)),
+        load,
+    }
+}
+
+/// The median of each figure of `rounds`, taken separately.
+fn median(rounds: Vec<Round>) -> Round {
+    let middle = |figure: fn(&Round) -> f64| {
+        let mut values: Vec<f64> = rounds.iter().map(figure).collect();
         values.sort_by(f64::total_cmp);
         values[values.len() / 2]
     };
-    Load {
-        rps: middle(|load| load.rps),
-        p50_ms: middle(|load| load.p50_ms),
-        p99_ms: middle(|load| load.p99_ms),
+    Round {
+        load: Load {
+            rps: middle(|round| round.load.rps),
+            p50_ms: middle(|round| round.load.p50_ms),
+            p99_ms: middle(|round| round.load.p99_ms),
+            requests: 0,
+        },
+        forwarder_us: middle(|round| round.forwarder_us),
+        upstream_us: middle(|round| round.upstream_us),
     }
 }
 
@@ -109,7 +166,7 @@ fn main() {
     // The upstream gets its own runtime, so that what is measured through Marina is Marina's share of the work.
     let upstream_runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
-        .thread_name("upstream")
+        .thread_name(UPSTREAM_THREADS)
         .enable_all()
         .build()
         .unwrap();
@@ -132,50 +189,63 @@ fn main() {
         let nginx = start_nginx(upstream.addr, nginx_dir.path());
 
         let mut scenarios = vec![
-            ("upstream, direct", upstream.url("/")),
-            ("through a Marina proxy rule", marina.url("/api/")),
+            ("upstream, direct", upstream.url("/"), Forwarder::None),
+            (
+                "through a Marina proxy rule",
+                marina.url("/api/"),
+                Forwarder::ThisProcess,
+            ),
             (
                 "floor: Marina's upstream pool behind bare hyper",
                 format!("http://{floor}/"),
+                Forwarder::ThisProcess,
             ),
         ];
-        if let Some((_, addr)) = &nginx {
+        if let Some((child, addr)) = &nginx {
             scenarios.push((
                 "through nginx `proxy_pass` (keep-alive upstream)",
                 format!("http://{addr}/"),
+                Forwarder::Nginx(child.id()),
             ));
         }
         if !benchmarking {
-            for (_, url) in &scenarios {
+            for (_, url, _) in &scenarios {
                 harness::smoke(url).await;
             }
         } else {
-            for (_, url) in &scenarios {
+            for (_, url, _) in &scenarios {
                 let _ = wrk(url, 1);
             }
-            let mut runs: Vec<Vec<Load>> = scenarios.iter().map(|_| Vec::new()).collect();
-            for round in 0..harness::rounds() {
-                for ((name, url), runs) in scenarios.iter().zip(&mut runs) {
-                    let load = wrk(url, secs);
+            let mut rounds: Vec<Vec<Round>> = scenarios.iter().map(|_| Vec::new()).collect();
+            for number in 0..harness::rounds() {
+                for ((name, url, forwarder), rounds) in scenarios.iter().zip(&mut rounds) {
+                    let run = round(url, secs, forwarder);
                     eprintln!(
-                        "round {round}: {name}: {:.0} requests/s, p99 {:.2} ms",
-                        load.rps, load.p99_ms
+                        "round {number}: {name}: {:.0} requests/s, p99 {:.2} ms, CPU per request: forwarder {:.1} us, \
+                         upstream {:.1} us",
+                        run.load.rps, run.load.p99_ms, run.forwarder_us, run.upstream_us
                     );
-                    runs.push(load);
+                    rounds.push(run);
                 }
             }
-            let results: Vec<Load> = runs.into_iter().map(median).collect();
-            let direct = &results[0];
-            println!("| scenario | requests/s | vs direct | p50 | p99 | p99 added |");
-            println!("|---|---:|---:|---:|---:|---:|");
-            for ((name, _), load) in scenarios.iter().zip(&results) {
+            let results: Vec<Round> = rounds.into_iter().map(median).collect();
+            let direct = &results[0].load;
+            println!(
+                "| scenario | requests/s | vs direct | p50 | p99 | p99 added | forwarder CPU/request | \
+                 upstream CPU/request |"
+            );
+            println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+            for ((name, _, _), result) in scenarios.iter().zip(&results) {
+                let load = &result.load;
                 println!(
-                    "| {name} | {:.0} | {:.0}% | {:.2} ms | {:.2} ms | {:+.2} ms |",
+                    "| {name} | {:.0} | {:.0}% | {:.2} ms | {:.2} ms | {:+.2} ms | {:.1} us | {:.1} us |",
                     load.rps,
                     100.0 * load.rps / direct.rps,
                     load.p50_ms,
                     load.p99_ms,
-                    load.p99_ms - direct.p99_ms
+                    load.p99_ms - direct.p99_ms,
+                    result.forwarder_us,
+                    result.upstream_us
                 );
             }
         }

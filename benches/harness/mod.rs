@@ -91,6 +91,8 @@ pub struct Load {
     pub rps: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// Requests completed in the run.
+    pub requests: u64,
 }
 
 pub fn wrk(url: &str, secs: u64) -> Load {
@@ -113,10 +115,16 @@ pub fn wrk(url: &str, secs: u64) -> Load {
             .unwrap_or_else(|| panic!("no {prefix:?} in wrk output:\n{text}"))
             .trim()
     };
+    let requests = text
+        .lines()
+        .find_map(|line| line.trim().split_once(" requests in "))
+        .and_then(|(count, _)| count.parse().ok())
+        .unwrap_or_else(|| panic!("no request count in wrk output:\n{text}"));
     Load {
         rps: field("Requests/sec:").parse().unwrap(),
         p50_ms: millis(field("50%")),
         p99_ms: millis(field("99%")),
+        requests,
     }
 }
 
@@ -177,4 +185,56 @@ pub fn when_listening(
         std::thread::sleep(Duration::from_millis(50));
     }
     Some((child, addr))
+}
+
+/// Linux reports thread CPU times in `/proc` in units of USER_HZ, which is 100 on every architecture it runs on.
+const CLOCK_TICKS_PER_SEC: f64 = 100.0;
+
+/// CPU time (user and system) used so far by process `pid`, exited threads included.
+pub fn process_cpu(pid: u32) -> Duration {
+    stat_cpu(&format!("/proc/{pid}/stat")).unwrap_or_default()
+}
+
+/// CPU time used so far by those live threads of process `pid` whose name starts with `prefix`.
+pub fn threads_cpu(pid: u32, prefix: &str) -> Duration {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Duration::ZERO;
+    };
+    tasks
+        .flatten()
+        .filter(|task| std::fs::read_to_string(task.path().join("comm")).is_ok_and(|name| name.starts_with(prefix)))
+        .filter_map(|task| stat_cpu(&task.path().join("stat").to_string_lossy()))
+        .sum()
+}
+
+/// CPU time used so far by process `pid` and its direct children (nginx's master and its workers).
+pub fn process_tree_cpu(pid: u32) -> Duration {
+    let is_child = |stat: &str| stat_fields(stat).and_then(|fields| fields.get(1)?.parse::<u32>().ok()) == Some(pid);
+    let children: Duration = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| std::fs::read_to_string(entry.path().join("stat")).ok())
+        .filter(|stat| is_child(stat))
+        .filter_map(|stat| ticks(&stat))
+        .sum();
+    process_cpu(pid) + children
+}
+
+/// The fields of a `/proc/.../stat` line after the command name, which may itself hold spaces and parentheses;
+/// the first is the state (field 3 in proc(5)).
+fn stat_fields(stat: &str) -> Option<Vec<String>> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// utime + stime (fields 14 and 15 in proc(5)) of the `/proc/.../stat` file at `path`.
+fn stat_cpu(path: &str) -> Option<Duration> {
+    ticks(&std::fs::read_to_string(path).ok()?)
+}
+
+fn ticks(stat: &str) -> Option<Duration> {
+    let fields = stat_fields(stat)?;
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_secs_f64(ticks as f64 / CLOCK_TICKS_PER_SEC))
 }
