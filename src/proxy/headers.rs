@@ -1,7 +1,7 @@
 //! What a proxy does to headers on the way through: hop-by-hop headers stop here, `X-Forwarded-*` and `Via` say
 //! who forwarded what, and redirects that point at the upstream are turned back into the client's URLs.
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
 
 use super::rules::Target;
@@ -20,8 +20,17 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 /// Removes the hop-by-hop headers, and every header the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them. One pass over the names they do carry says so, where removing each of the
+    // nine would look every one of them up.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -39,16 +48,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Appends `value` to a list-valued header (`a, b` + `c` -> `a, b, c`), or sets it.
 fn append_to_list(headers: &mut HeaderMap, name: HeaderName, value: HeaderValue) {
-    let existing: Vec<&str> = headers.get_all(&name).iter().filter_map(|v| v.to_str().ok()).collect();
+    let mut entry = match headers.entry(name) {
+        Entry::Vacant(entry) => {
+            entry.insert(value);
+            return;
+        }
+        Entry::Occupied(entry) => entry,
+    };
+    let existing: Vec<&str> = entry.iter().filter_map(|v| v.to_str().ok()).collect();
     if existing.is_empty() {
-        headers.insert(name, value);
+        entry.insert(value);
         return;
     }
     // A value that is not visible ASCII (a client's odd `Host`) cannot be joined into a list: leave the list be.
     let Ok(value) = value.to_str() else { return };
     let joined = format!("{}, {value}", existing.join(", "));
     if let Ok(joined) = HeaderValue::from_str(&joined) {
-        headers.insert(name, joined);
+        entry.insert(joined);
     }
 }
 
@@ -82,12 +98,12 @@ pub struct Forwarded<'a> {
 pub fn add_forwarded(headers: &mut HeaderMap, forwarded: &Forwarded<'_>) {
     if let Some(ip) = forwarded.client_ip {
         let ip = HeaderValue::try_from(ip.to_string()).expect("an IP address is a valid header value");
-        append_to_list(headers, HeaderName::from_static("x-forwarded-for"), ip);
+        append_to_list(headers, X_FORWARDED_FOR, ip);
     }
     let proto = HeaderValue::from_static(forwarded.proto);
-    append_to_list(headers, HeaderName::from_static("x-forwarded-proto"), proto);
+    append_to_list(headers, X_FORWARDED_PROTO, proto);
     if let Some(host) = forwarded.host {
-        append_to_list(headers, HeaderName::from_static("x-forwarded-host"), host.clone());
+        append_to_list(headers, X_FORWARDED_HOST, host.clone());
     }
 }
 
@@ -134,11 +150,11 @@ mod tests {
 
     fn target(url: &str) -> Target {
         let uri: http::Uri = url.parse().unwrap();
-        Target {
-            scheme: uri.scheme().unwrap().clone(),
-            authority: uri.authority().unwrap().clone(),
-            prefix: uri.path().trim_end_matches('/').to_owned(),
-        }
+        Target::new(
+            uri.scheme().unwrap().clone(),
+            uri.authority().unwrap().clone(),
+            uri.path().trim_end_matches('/').to_owned(),
+        )
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {

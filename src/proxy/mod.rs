@@ -128,9 +128,7 @@ impl Upstreams {
         );
         headers::add_via(&mut headers, client_version);
         if rule.change_origin {
-            let authority =
-                HeaderValue::from_str(rule.target.authority.as_str()).expect("an authority is a valid header");
-            headers.insert(header::HOST, authority);
+            headers.insert(header::HOST, rule.target.host.clone());
             if headers.contains_key(header::ORIGIN) {
                 if let Ok(origin) = HeaderValue::from_str(&rule.target.origin()) {
                     headers.insert(header::ORIGIN, origin);
@@ -141,9 +139,7 @@ impl Upstreams {
         }
         if !headers.contains_key(header::HOST) {
             // HTTP/1.1 requires one; a client without (HTTP/1.0, or HTTP/2 without `:authority`) gets the target's.
-            let authority =
-                HeaderValue::from_str(rule.target.authority.as_str()).expect("an authority is a valid header");
-            headers.insert(header::HOST, authority);
+            headers.insert(header::HOST, rule.target.host.clone());
         }
         for name in rule.headers.keys() {
             headers.remove(name);

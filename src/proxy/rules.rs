@@ -35,9 +35,21 @@ pub struct Target {
     pub authority: http::uri::Authority,
     /// The target URL's path without its trailing `/` (empty for a bare origin): prefixed to every forwarded path.
     pub prefix: String,
+    /// The authority as a `Host` value, made once rather than on every `changeOrigin` request.
+    pub host: HeaderValue,
 }
 
 impl Target {
+    pub fn new(scheme: http::uri::Scheme, authority: http::uri::Authority, prefix: String) -> Target {
+        let host = HeaderValue::from_str(authority.as_str()).expect("an authority is a valid header value");
+        Target {
+            scheme,
+            authority,
+            prefix,
+            host,
+        }
+    }
+
     /// The origin as a browser writes it, for `Origin` with `changeOrigin`.
     pub fn origin(&self) -> String {
         format!("{}://{}", self.scheme, self.authority)
@@ -195,11 +207,11 @@ fn parse_target(text: &str) -> Result<Target, String> {
             "{text:?} has a query string; the client's query is what is forwarded"
         ));
     }
-    Ok(Target {
+    Ok(Target::new(
         scheme,
         authority,
-        prefix: uri.path().trim_end_matches('/').to_owned(),
-    })
+        uri.path().trim_end_matches('/').to_owned(),
+    ))
 }
 
 /// Checks that every `$name`, `${name}` and `$1` in `template` names a group of `pattern`, so that a typo (or
