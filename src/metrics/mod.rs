@@ -214,7 +214,10 @@ pub struct Update {
     pub json: Arc<str>,
 }
 
-type AppTable = HashMap<String, HashMap<semver::Version, Arc<AppStats>>>;
+/// Hashed with foldhash: every request looks its version's counters up here, and the keys are the names of deployed
+/// apps, not anything a client chooses.
+type AppTable = HashMap<String, HashMap<semver::Version, Arc<AppStats>, FastHash>, FastHash>;
+type FastHash = foldhash::fast::RandomState;
 
 /// The one source of truth for request and pool metrics.
 pub struct Metrics {
@@ -331,7 +334,7 @@ impl Metrics {
                 .get(app)
                 .is_some_and(|a| a.versions.iter().any(|v| &v.version == version))
         };
-        let mut kept: AppTable = HashMap::new();
+        let mut kept = AppTable::default();
         let mut gone = Vec::new();
         for (app, versions) in current.iter() {
             for (version, stats) in versions {

@@ -69,7 +69,9 @@ pub struct Http1Pool {
 }
 
 struct IdleLists {
-    by_authority: HashMap<Authority, Vec<Idle>>,
+    /// Hashed with foldhash: every request looks its upstream up here twice, the keys come from configs rather than
+    /// clients, and SipHash over an authority (hashed a byte at a time, case-folded) cost more than the list work.
+    by_authority: HashMap<Authority, Vec<Idle>, foldhash::fast::RandomState>,
     swept: Instant,
 }
 
@@ -77,7 +79,7 @@ impl Default for Http1Pool {
     fn default() -> Self {
         Http1Pool {
             idle: Mutex::new(IdleLists {
-                by_authority: HashMap::new(),
+                by_authority: HashMap::default(),
                 swept: Instant::now(),
             }),
         }
