@@ -85,6 +85,30 @@ async fn upstream() -> SocketAddr {
             }),
         )
         .route(
+            "/trickle",
+            axum::routing::get(|| async {
+                // Four chunks 400 ms apart: longer in all than a 1 s rule timeout, but never silent that long.
+                let chunks = futures_util::stream::iter(0..4u8).then(|i| async move {
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                    Ok::<_, std::io::Error>(vec![b'a' + i; 10])
+                });
+                Body::from_stream(chunks)
+            }),
+        )
+        .route(
+            "/stall",
+            axum::routing::get(|| async {
+                // One chunk, then nothing for 10 s.
+                let chunks = futures_util::stream::iter(0..2u8).then(|i| async move {
+                    if i == 1 {
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                    }
+                    Ok::<_, std::io::Error>(vec![b'x'; 10])
+                });
+                Body::from_stream(chunks)
+            }),
+        )
+        .route(
             "/big",
             axum::routing::get(|| async {
                 let chunks = futures_util::stream::iter((0..100).map(|i| Ok::<_, std::io::Error>(vec![i as u8; MIB])));
@@ -293,6 +317,38 @@ async fn upstream_failures_are_502_and_504_naming_the_rule() {
 
     // Nothing of that touched another app.
     assert_eq!(get_json(&server.url("/healthy/ok")).await["uri"], "/ok");
+}
+
+#[tokio::test]
+async fn a_response_body_is_cut_when_the_upstream_stalls_for_the_rules_timeout_but_not_when_it_trickles() {
+    let up = upstream().await;
+    let rule = json!({"proxy": {"^/": {"target": format!("http://{up}"), "timeout": 1}}});
+    let (server, _apps) = serve(&[("streams", rule)]).await;
+
+    let started = std::time::Instant::now();
+    let response = client().get(server.url("/streams/trickle")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.text().await.unwrap(),
+        "aaaaaaaaaabbbbbbbbbbccccccccccdddddddddd"
+    );
+    assert!(
+        started.elapsed() > Duration::from_secs(1),
+        "longer in all than the rule's timeout"
+    );
+
+    let started = std::time::Instant::now();
+    let mut response = client().get(server.url("/streams/stall")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.chunk().await.unwrap().unwrap().len(), 10);
+    let rest = tokio::time::timeout(Duration::from_secs(8), response.chunk())
+        .await
+        .expect("cut off, not left waiting for the upstream's 10 s");
+    assert!(
+        rest.is_err(),
+        "the body ends with an error, not as if it were complete: {rest:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@ mod headers;
 // Public for the proxy benchmark's floor scenario (the pool behind a bare hyper server).
 pub mod http1;
 mod rules;
+mod stall;
 mod tls;
 mod websocket;
 
@@ -241,7 +242,7 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 /// upstream rewritten, the body streamed (and cut if the upstream stalls longer than the rule's timeout).
 fn client_response<B>(rule: &Rule, response: http::Response<B>, client_prefix: &(dyn Fn() -> String + Sync)) -> Response
 where
-    B: http_body::Body<Data = bytes::Bytes, Error = hyper::Error> + Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes, Error = hyper::Error> + Send + Unpin + 'static,
 {
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
@@ -251,7 +252,7 @@ where
     }
     parts.version = http::Version::HTTP_11;
     let body = match rule.timeout {
-        Some(limit) => Body::new(tower_http::timeout::TimeoutBody::new(limit, body)),
+        Some(limit) => Body::new(stall::StallTimeout::new(body, limit)),
         None => Body::new(body),
     };
     Response::from_parts(parts, body)
