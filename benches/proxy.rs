@@ -32,6 +32,10 @@ use serde_json::json;
 mod harness;
 use harness::{start_marina, start_native, wrk, Load, CONNECTIONS};
 
+/// The server's allocator, so allocation costs what it costs there (the upstream and the floor share it).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The name of the upstream runtime's threads, whose CPU time is counted apart.
 const UPSTREAM_THREADS: &str = "upstream";
 
