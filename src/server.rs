@@ -56,9 +56,21 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
 }
 
-/// The client's address, in every request's extensions (for `X-Forwarded-For`).
-#[derive(Debug, Clone, Copy)]
-pub struct ClientAddr(pub std::net::SocketAddr);
+/// The client's address, in every request's extensions, with its IP as an `X-Forwarded-For` entry: made once per
+/// connection rather than formatted for every proxied request.
+#[derive(Debug, Clone)]
+pub struct ClientAddr {
+    pub addr: std::net::SocketAddr,
+    pub forwarded_for: http::HeaderValue,
+}
+
+impl ClientAddr {
+    pub fn new(addr: std::net::SocketAddr) -> ClientAddr {
+        let ip = addr.ip().to_string();
+        let forwarded_for = http::HeaderValue::try_from(ip).expect("an IP address is a valid header value");
+        ClientAddr { addr, forwarded_for }
+    }
+}
 
 /// How `serve` runs: everything the CLI's flags decide.
 #[derive(Debug, Clone)]
@@ -178,11 +190,12 @@ pub async fn run(
         };
         let _ = stream.set_nodelay(true);
         let front = front.clone();
+        let client = ClientAddr::new(peer);
         let service = service_fn(move |request: http::Request<Incoming>| {
-            let front = front.clone();
+            let (front, client) = (front.clone(), client.clone());
             async move {
                 let mut request = request.map(Body::new);
-                request.extensions_mut().insert(ClientAddr(peer));
+                request.extensions_mut().insert(client);
                 Ok::<_, Infallible>(front.handle(request).await)
             }
         });

@@ -7,8 +7,9 @@ use http::Version;
 use super::rules::Target;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus `Proxy-Connection`, which old
-/// clients still send. Names, not strings: a string would be parsed into a name on every request.
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// clients still send. Names, not strings: a string would be parsed into a name on every request. A `static`, not
+/// a `const`: a `const` array is built afresh (and dropped) wherever it is used.
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -86,8 +87,8 @@ pub fn add_via(headers: &mut HeaderMap, version: Version) {
 
 /// What the forwarded request says about the client.
 pub struct Forwarded<'a> {
-    /// The client's address, or `None` when the connection has none (in-process tests).
-    pub client_ip: Option<std::net::IpAddr>,
+    /// The client's IP as a header value, or `None` when the connection has none (in-process tests).
+    pub client_ip: Option<HeaderValue>,
     /// `http` or `https`: how the client reached this host.
     pub proto: &'static str,
     /// The `Host` the client asked for.
@@ -96,9 +97,11 @@ pub struct Forwarded<'a> {
 
 /// Appends the client to `X-Forwarded-For`, `-Proto` and `-Host`.
 pub fn add_forwarded(headers: &mut HeaderMap, forwarded: &Forwarded<'_>) {
-    if let Some(ip) = forwarded.client_ip {
-        let ip = HeaderValue::try_from(ip.to_string()).expect("an IP address is a valid header value");
-        append_to_list(headers, X_FORWARDED_FOR, ip);
+    // Room for these three and `Via` at once: the map the server parsed has just enough for what arrived, and
+    // would otherwise grow (and rehash) more than once.
+    headers.reserve(4);
+    if let Some(ip) = &forwarded.client_ip {
+        append_to_list(headers, X_FORWARDED_FOR, ip.clone());
     }
     let proto = HeaderValue::from_static(forwarded.proto);
     append_to_list(headers, X_FORWARDED_PROTO, proto);
@@ -191,7 +194,7 @@ mod tests {
         add_forwarded(
             &mut map,
             &Forwarded {
-                client_ip: Some("127.0.0.1".parse().unwrap()),
+                client_ip: Some(HeaderValue::from_static("127.0.0.1")),
                 proto: "http",
                 host: Some(&HeaderValue::from_static("example.test")),
             },

@@ -112,7 +112,10 @@ impl Upstreams {
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
         };
-        let client_ip = request.extensions().get::<ClientAddr>().map(|addr| addr.0.ip());
+        let client_ip = request
+            .extensions()
+            .get::<ClientAddr>()
+            .map(|client| client.forwarded_for.clone());
         let client_upgrade = websocket::is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
         let (parts, body) = request.into_parts();
 
