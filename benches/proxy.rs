@@ -23,12 +23,6 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use axum::body::Body;
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
-use marina::proxy::http1::Http1Pool;
-use serde_json::json;
-
 mod harness;
 use harness::{start_marina, start_native, wrk, Load, CONNECTIONS};
 
@@ -38,37 +32,6 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The name of the upstream runtime's threads, whose CPU time is counted apart.
 const UPSTREAM_THREADS: &str = "upstream";
-
-/// Marina's plain-HTTP upstream pool behind hyper's HTTP/1.1 server and nothing else: what forwarding costs on
-/// this stack before any of Marina's own work.
-async fn start_floor(upstream: SocketAddr) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let pool = std::sync::Arc::new(Http1Pool::default());
-    let authority: http::uri::Authority = upstream.to_string().parse().unwrap();
-    let task = tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let _ = stream.set_nodelay(true);
-            let (pool, authority) = (pool.clone(), authority.clone());
-            let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
-                let (pool, authority) = (pool.clone(), authority.clone());
-                async move {
-                    let (parts, body) = request.into_parts();
-                    let mut forwarded = http::Request::new(Body::new(body));
-                    *forwarded.uri_mut() = parts.uri.path_and_query().cloned().map(http::Uri::from).unwrap();
-                    *forwarded.headers_mut() = parts.headers;
-                    let response = match pool.send(&authority, forwarded).await {
-                        Ok(response) => response.map(Body::new),
-                        Err(_) => http::Response::builder().status(502).body(Body::empty()).unwrap(),
-                    };
-                    Ok::<_, std::convert::Infallible>(response)
-                }
-            });
-            tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service));
-        }
-    });
-    (addr, task)
-}
 
 /// Whose CPU time a scenario's forwarding costs.
 enum Forwarder {
@@ -181,14 +144,9 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let apps = tempfile::tempdir().unwrap();
-        let version = apps.path().join("api").join("1.0.0");
-        std::fs::create_dir_all(&version).unwrap();
-        std::fs::write(version.join("index.html"), "unproxied").unwrap();
-        let config = json!({"proxy": {"^/(.*)$": {"target": format!("http://{}", upstream.addr), "rewrite": "/$1"}}});
-        std::fs::write(version.join("worker.config.json"), config.to_string()).unwrap();
+        let apps = harness::proxied_apps(upstream.addr);
         let marina = start_marina(apps.path(), None).await;
-        let (floor, floor_task) = start_floor(upstream.addr).await;
+        let (floor, floor_task) = harness::start_floor(upstream.addr).await;
         let nginx_dir = tempfile::tempdir().unwrap();
         let nginx = start_nginx(upstream.addr, nginx_dir.path());
 

@@ -86,6 +86,54 @@ pub async fn start_marina_with(apps: &Path, adjust: impl FnOnce(&mut ServeOption
     running
 }
 
+/// An apps directory with one app, `api`, whose only rule forwards everything to `upstream`: `^/(.*)$` -> `/$1`.
+pub fn proxied_apps(upstream: SocketAddr) -> tempfile::TempDir {
+    let apps = tempfile::tempdir().unwrap();
+    let version = apps.path().join("api").join("1.0.0");
+    std::fs::create_dir_all(&version).unwrap();
+    std::fs::write(version.join("index.html"), "unproxied").unwrap();
+    let config = serde_json::json!({"proxy": {"^/(.*)$": {"target": format!("http://{upstream}"), "rewrite": "/$1"}}});
+    std::fs::write(version.join("worker.config.json"), config.to_string()).unwrap();
+    apps
+}
+
+/// Marina's plain-HTTP upstream pool behind hyper's HTTP/1.1 server and nothing else: what forwarding costs on
+/// this stack before any of Marina's own work.
+pub async fn start_floor(upstream: SocketAddr) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let pool = std::sync::Arc::new(marina::proxy::http1::Http1Pool::default());
+    let authority: http::uri::Authority = upstream.to_string().parse().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
+            let (pool, authority) = (pool.clone(), authority.clone());
+            let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                let (pool, authority) = (pool.clone(), authority.clone());
+                async move {
+                    let (parts, body) = request.into_parts();
+                    let mut forwarded = http::Request::new(axum::body::Body::new(body));
+                    *forwarded.uri_mut() = parts.uri.path_and_query().cloned().map(http::Uri::from).unwrap();
+                    *forwarded.headers_mut() = parts.headers;
+                    let response = match pool.send(&authority, forwarded).await {
+                        Ok(response) => response.map(axum::body::Body::new),
+                        Err(_) => http::Response::builder()
+                            .status(502)
+                            .body(axum::body::Body::empty())
+                            .unwrap(),
+                    };
+                    Ok::<_, std::convert::Infallible>(response)
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    (addr, task)
+}
+
 /// One wrk run's figures.
 pub struct Load {
     pub rps: f64,
