@@ -99,12 +99,7 @@ fn median(rounds: Vec<Round>) -> Round {
 /// nginx serving `proxy_pass` to `upstream` with a keep-alive pool, as a child process, when there is an nginx.
 fn start_nginx(upstream: SocketAddr, dir: &Path) -> Option<(Child, SocketAddr)> {
     let binary = std::env::var("NGINX").unwrap_or_else(|_| "nginx".into());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .ok()?
-        .local_addr()
-        .ok()?
-        .port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = harness::free_addr()?;
     let d = dir.display();
     let config = format!(
         "daemon off;\nworker_processes auto;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\

@@ -49,10 +49,7 @@ fn main() {
         }
         return;
     }
-    let requests = std::env::var("PROXY_COST_REQUESTS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(2000u64);
+    let requests = harness::env_number("PROXY_COST_REQUESTS", 2000).max(1);
     let costs: Vec<f64> = SCENARIOS
         .iter()
         .map(|(scenario, _)| {

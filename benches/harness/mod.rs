@@ -208,7 +208,8 @@ pub fn rounds() -> usize {
     env_number("BENCH_ROUNDS", 3).max(1) as usize
 }
 
-fn env_number(name: &str, default: u64) -> u64 {
+/// The number in the environment variable `name`, or `default` when it is unset or not a number.
+pub fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
 }
 
