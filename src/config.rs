@@ -32,6 +32,9 @@ pub const LOW_MEMORY_MAX_MEMORY_MB: u64 = 32;
 pub const MAX_MEMORY_MB_LIMIT: u64 = 4096;
 /// Default limit on a request body sent to a worker, in bytes (32 MiB).
 pub const DEFAULT_MAX_BODY_SIZE: u64 = 32 * 1024 * 1024;
+/// The longest `timeout` accepted (an app's or a proxy rule's), in seconds: a year. A deadline is an instant, and
+/// one too far ahead cannot be represented (`arrived + timeout` would overflow and panic); `0` means none.
+pub const MAX_TIMEOUT_SECS: u64 = 365 * 24 * 60 * 60;
 /// A config file larger than this is rejected unread: no honest config comes near it.
 pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
@@ -361,6 +364,21 @@ impl WorkerConfig {
 
     /// Checks what serde cannot: that numbers are in range and that names are usable where they go.
     fn validate(&self) -> Result<(), ConfigError> {
+        let timeouts = std::iter::once(("timeout".to_owned(), Some(self.timeout))).chain(
+            self.proxy
+                .0
+                .iter()
+                .enumerate()
+                .map(|(i, rule)| (format!("proxy[{i}].timeout"), rule.timeout)),
+        );
+        for (field, secs) in timeouts {
+            if let Some(secs) = secs.filter(|&secs| secs > MAX_TIMEOUT_SECS) {
+                return Err(ConfigError::at(
+                    &field,
+                    format!("{secs} is over {MAX_TIMEOUT_SECS} seconds (a year); 0 means no timeout"),
+                ));
+            }
+        }
         if let Some(mb) = self.max_memory_mb {
             if mb == 0 || mb > MAX_MEMORY_MB_LIMIT {
                 return Err(ConfigError::at(
@@ -524,6 +542,25 @@ mod tests {
         assert_eq!(low.memory_cap_bytes(), LOW_MEMORY_MAX_MEMORY_MB * 1024 * 1024);
         let set = WorkerConfig::parse(br#"{"lowMemory": true, "maxMemoryMb": 64}"#).unwrap();
         assert_eq!(set.memory_cap_bytes(), 64 * 1024 * 1024);
+    }
+
+    #[test]
+    fn a_timeout_too_long_for_a_deadline_is_rejected() {
+        // `{"timeout": 18446744073709551615}` was accepted, then every request panicked computing its deadline
+        // (`Instant + Duration` overflows); found while writing tests/properties.rs.
+        let message = error_of(r#"{"timeout": 18446744073709551615}"#);
+        assert!(
+            message.starts_with("field `timeout`: 18446744073709551615 is over"),
+            "{message}"
+        );
+        let message = error_of(r#"{"proxy": [{"pattern": "^/", "target": "http://a", "timeout": 31536001}]}"#);
+        assert!(message.starts_with("field `proxy[0].timeout`"), "{message}");
+        let message = error_of(
+            r#"{"proxy": {"^/a": {"target": "http://a"}, "^/b": {"target": "http://a", "timeout": 31536001}}}"#,
+        );
+        assert!(message.starts_with("field `proxy[1].timeout`"), "{message}");
+        let config = WorkerConfig::parse(format!(r#"{{"timeout": {MAX_TIMEOUT_SECS}}}"#).as_bytes()).unwrap();
+        assert_eq!(config.timeout, MAX_TIMEOUT_SECS);
     }
 
     #[test]

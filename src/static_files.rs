@@ -45,9 +45,17 @@ pub async fn serve(
     let file = match confined(root, &requested).await {
         Found::Inside(real, meta) if meta.is_dir() => {
             if !path.ends_with('/') {
-                // Relative links in the directory's index only work under a trailing slash.
-                let last = segments.last().map(String::as_str).unwrap_or_default();
-                return Ok(redirect_to(&format!("{}/", encode_segment(last))));
+                // Relative links in the directory's index only work under a trailing slash. The location is
+                // relative to the path's last segment: `sub` -> `sub/`, but `sub/.` (or `sub/%2e`), whose last
+                // segment is the directory itself, -> `./` (`sub/` would name `sub/sub/`, and `/.` the host's `/`).
+                let last_raw = path.rsplit('/').next().unwrap_or_default();
+                let location = if percent_decode_str(last_raw).decode_utf8().is_ok_and(|s| s == ".") {
+                    "./".to_owned()
+                } else {
+                    let last = segments.last().map(String::as_str).unwrap_or_default();
+                    format!("{}/", encode_segment(last))
+                };
+                return Ok(redirect_to(&location));
             }
             match confined(root, &real.join("index.html")).await {
                 Found::Inside(index, meta) if meta.is_file() => Some(index),

@@ -117,7 +117,11 @@ impl Spec {
                 .iter()
                 .find(|v| version_of(v).pre.is_empty())
                 .or_else(|| versions.first()),
-            Spec::Exact(wanted) => versions.iter().find(|v| same_version(version_of(v), wanted)),
+            // The version itself when it is deployed, else one that differs only by build metadata the spec left out.
+            Spec::Exact(wanted) => versions
+                .iter()
+                .find(|v| version_of(v) == wanted)
+                .or_else(|| versions.iter().find(|v| same_version(version_of(v), wanted))),
             Spec::Range(req) => versions.iter().find(|v| req.matches(version_of(v))),
         }
     }
@@ -223,6 +227,13 @@ mod tests {
         let list = ["1.0.0+build.7"];
         assert_eq!(resolve(&list, "app@1.0.0").unwrap().as_deref(), Some("1.0.0+build.7"));
         assert_eq!(resolve(&list, "app@1.0.0+build.8").unwrap(), None);
+        // With the plain version deployed too, the plain spec names it exactly (1.0.0+build.7 sorts higher).
+        let list = ["1.0.0+build.7", "1.0.0"];
+        assert_eq!(resolve(&list, "app@1.0.0").unwrap().as_deref(), Some("1.0.0"));
+        assert_eq!(
+            resolve(&list, "app@1.0.0+build.7").unwrap().as_deref(),
+            Some("1.0.0+build.7")
+        );
     }
 
     #[test]
