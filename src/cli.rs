@@ -234,6 +234,8 @@ fn serve(args: ServeArgs) -> ExitCode {
             cache_dir: settings.cache_dir,
             precompile: settings.precompile,
             drain_timeout: settings.shutdown_timeout,
+            header_timeout: crate::server::HEADER_READ_TIMEOUT,
+            idle_timeout: crate::server::IDLE_TIMEOUT,
             request_metrics: settings.request_metrics,
         };
         match crate::server::serve(listener, options, shutdown).await {

@@ -19,7 +19,7 @@ use crate::static_files;
 /// The request header that tells an app the prefix it was reached under, e.g. `/hello@1`.
 pub const BASE_HEADER: &str = "x-marina-base";
 
-/// How long `/<app>@<spec>/health` waits for a worker before answering 503.
+/// How long `GET /<app>@<spec>/health` waits for a worker before answering 503.
 pub const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The app version a response came from (the unrouted counters when it named none), left in its extensions for
@@ -85,7 +85,9 @@ async fn serve(
         reason: reason.clone(),
     })?;
     let runtime = || state.pool.runtime(&served.stats.app, &served.stats.version, deployment);
-    if rest == "/health" {
+    // The host's health check is GET or HEAD only: an app may serve other methods on its own `/health`.
+    let host_health = rest == "/health" && matches!(*request.method(), Method::GET | Method::HEAD);
+    if host_health {
         if deployment.kind == AppKind::Wasm {
             // Healthy means a worker can actually be had: compiled, instantiated, within the cap.
             let deadline = arrived + HEALTH_TIMEOUT;

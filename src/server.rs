@@ -5,10 +5,24 @@
 //! the same code the binary runs. The accept loop is hyper-util's auto connection (HTTP/1.1, or HTTP/2 when the
 //! client opens with the HTTP/2 preface) rather than `axum::serve`, because a host needs the knobs that one
 //! hides: connection limit, header size and read-timeout limits, and a bounded graceful drain.
+//!
+//! hyper's own header timer is not enough against clients that connect and stall: the auto connection reads the
+//! first bytes (to tell HTTP/2's preface from HTTP/1.1) with no timer at all, and HTTP/2 has no handshake timer,
+//! so a silent socket or a half-sent preface would hold one of the [`MAX_CONNECTIONS`] slots forever. Each
+//! connection therefore gets a `Watchdog`: one timer, from accept, that closes the connection if no request has
+//! reached the service within the header timeout, and later shuts it down once no request has been in progress
+//! for the idle timeout. Requests only bump two counters it reads when its timer fires.
+//!
+//! What hyper 1.12 covers by itself, and so is not repeated here: an HTTP/1.1 request line or header block that
+//! starts but does not finish within `header_read_timeout` (its timer starts when it begins reading a head), and
+//! an idle HTTP/1.1 keep-alive connection, since waiting for the next request is reading its head.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -19,9 +33,9 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
+use tokio::time::Sleep;
 use tower::ServiceExt;
 
 use crate::engine::{Engine, EngineSettings};
@@ -37,8 +51,22 @@ use crate::{access_log, dispatch, internal};
 pub const MAX_CONNECTIONS: usize = 10_000;
 /// Request line and headers together may not exceed this (HTTP/1.1 answers 431, HTTP/2 resets the stream).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// A client has this long to send a request's headers; slower ones are disconnected.
+/// From the moment a connection is accepted, the client has this long to get its first request's head to the
+/// server (HTTP/1.1: the request line and headers; HTTP/2: the preface, SETTINGS and a HEADERS frame); a
+/// connection that has not is closed, whatever it sent. Each later request head on an HTTP/1.1 connection has as
+/// long again (hyper's timer).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
+/// A connection with no request in progress for this long is shut down: HTTP/2 gets a GOAWAY and closes once the
+/// client has seen it (dropped if it is still open after another quiet period this long). Idle HTTP/1.1
+/// keep-alive connections close sooner, after [`HEADER_READ_TIMEOUT`], because hyper times the wait for the next
+/// request as a header read. A response still being sent (a download, an SSE stream) is a request in progress; a
+/// WebSocket leaves the connection, and this timer, behind once it is upgraded.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The watchdog looks at a connection this many times per idle timeout, so an idle connection goes between
+/// [`IDLE_TIMEOUT`] and a quarter more after its last request ended; more looks would only cost wakeups.
+const IDLE_CHECKS: u32 = 4;
+/// The shortest interval between two looks, so that a zero idle timeout cannot spin the connection's task.
+const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(1);
 /// Concurrent streams one HTTP/2 connection may open.
 pub const MAX_CONCURRENT_STREAMS: u32 = 256;
 /// Request targets longer than this answer 414: no app needs more, and every log line carries the path.
@@ -86,12 +114,17 @@ pub struct ServeOptions {
     pub precompile: bool,
     /// How long in-flight requests may take to finish at shutdown.
     pub drain_timeout: Duration,
+    /// How long a new connection has to get its first request's head in ([`HEADER_READ_TIMEOUT`]).
+    pub header_timeout: Duration,
+    /// How long a connection may go with no request in progress ([`IDLE_TIMEOUT`]).
+    pub idle_timeout: Duration,
     /// Count and time every request (off only to measure what that costs; pool metrics are always kept).
     pub request_metrics: bool,
 }
 
 impl ServeOptions {
-    /// Defaults for `apps_dir`: the default pool and queue, no disk cache, lazy compilation, a 30 s drain.
+    /// Defaults for `apps_dir`: the default pool and queue, no disk cache, lazy compilation, a 30 s drain, and the
+    /// connection timeouts of the constants above.
     pub fn new(apps_dir: impl Into<std::path::PathBuf>) -> ServeOptions {
         ServeOptions {
             apps_dir: apps_dir.into(),
@@ -100,6 +133,8 @@ impl ServeOptions {
             cache_dir: None,
             precompile: false,
             drain_timeout: Duration::from_secs(30),
+            header_timeout: HEADER_READ_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
             request_metrics: true,
         }
     }
@@ -148,27 +183,40 @@ impl Front {
     }
 }
 
+/// The clocks `run` keeps on every connection; `serve` takes them from [`ServeOptions`].
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// From accept to the first request reaching the service ([`HEADER_READ_TIMEOUT`]).
+    pub header: Duration,
+    /// With no request in progress ([`IDLE_TIMEOUT`]).
+    pub idle: Duration,
+    /// For in-flight requests to finish at shutdown.
+    pub drain: Duration,
+}
+
 /// Serves `state` on `listener` until `shutdown` resolves, then drains: readiness turns 503, the listener closes,
-/// in-flight requests finish, and connections still open after `drain_timeout` are dropped.
+/// in-flight requests finish, and connections still open after `timeouts.drain` are dropped.
 pub async fn run(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()>,
-    drain_timeout: Duration,
+    timeouts: Timeouts,
 ) -> std::io::Result<()> {
     let front = Arc::new(Front::new(state.clone()));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(timeouts.header)
         .max_buf_size(MAX_HEADER_BYTES);
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEADER_BYTES as u32)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
-    let graceful = GracefulShutdown::new();
+    // hyper-util's `GracefulShutdown` only watches hyper's own connection types, and a connection here is also
+    // driven by its watchdog; this is the same signal-then-wait-for-every-receiver scheme, by hand.
+    let (drain, _) = watch::channel(());
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
 
@@ -189,24 +237,53 @@ pub async fn run(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let activity = Arc::new(Activity::default());
+        let mut watchdog = Watchdog::new(activity.clone(), timeouts);
         let front = front.clone();
         let client = ClientAddr::new(peer);
         let service = service_fn(move |request: http::Request<Incoming>| {
+            let in_flight = InFlight::start(&activity);
             let (front, client) = (front.clone(), client.clone());
             async move {
                 let mut request = request.map(Body::new);
                 request.extensions_mut().insert(client);
-                Ok::<_, Infallible>(front.handle(request).await)
+                let response = front.handle(request).await;
+                Ok::<_, Infallible>(response.map(|body| Tracked {
+                    body,
+                    _in_flight: in_flight,
+                }))
             }
         });
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
-        let connection = graceful.watch(connection);
+        // Subscribed here, before the task runs, so that a drain signalled meanwhile is not missed.
+        let mut draining = drain.subscribe();
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            let mut connection = std::pin::pin!(connection);
+            let mut asked_to_drain = false;
+            let result = loop {
+                tokio::select! {
+                    biased;
+                    result = connection.as_mut() => break result,
+                    verdict = watchdog.expired() => match verdict {
+                        Verdict::Shutdown => connection.as_mut().graceful_shutdown(),
+                        Verdict::Close(why) => {
+                            tracing::debug!(%peer, why, "connection closed");
+                            break Ok(());
+                        }
+                    },
+                    _ = draining.changed(), if !asked_to_drain => {
+                        asked_to_drain = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                }
+            };
+            if let Err(error) = result {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
+            // The drain waits for every receiver: this one goes only with the connection.
+            drop(draining);
             drop(permit);
         });
     }
@@ -216,19 +293,162 @@ pub async fn run(
     // WebSocket tunnels and SSE streams are long-lived by design: end them rather than let them hold the drain open.
     state.upstreams.close_tunnels();
     state.metrics.close();
-    let open = graceful.count();
+    let open = drain.receiver_count();
     tracing::info!(
         open_connections = open,
         "draining: no new connections, waiting for in-flight requests"
     );
-    match tokio::time::timeout(drain_timeout, graceful.shutdown()).await {
+    drain.send_replace(());
+    match tokio::time::timeout(timeouts.drain, drain.closed()).await {
         Ok(()) => tracing::info!("drained; every connection closed"),
         Err(_) => tracing::warn!(
-            ?drain_timeout,
+            drain_timeout = ?timeouts.drain,
             "shutdown timeout reached; dropping the connections still open"
         ),
     }
     Ok(())
+}
+
+/// What a connection's [`Watchdog`] knows of its requests: how many have started and how many have finished.
+/// The request path only adds to them; they are read when the watchdog's timer fires, so no request reads the
+/// clock or touches a timer for it.
+#[derive(Debug, Default)]
+struct Activity {
+    started: AtomicU64,
+    finished: AtomicU64,
+}
+
+impl Activity {
+    /// `(started, finished)`. `finished` is read first: a request's finish happens after its start, so the pair
+    /// never shows more finished than started.
+    fn load(&self) -> (u64, u64) {
+        let finished = self.finished.load(Ordering::Acquire);
+        let started = self.started.load(Ordering::Acquire);
+        (started, finished)
+    }
+}
+
+/// One request in progress on a connection: from the moment hyper hands it to the service until its response
+/// body is dropped (sent in full, or abandoned), so that a long download or an SSE stream keeps its connection
+/// from counting as idle.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn start(activity: &Arc<Activity>) -> InFlight {
+        activity.started.fetch_add(1, Ordering::Release);
+        InFlight(activity.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.finished.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// A response body that holds its request's [`InFlight`] for as long as hyper holds the body. It wraps rather
+/// than boxes, so a response costs no extra allocation.
+struct Tracked {
+    body: Body,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// What the watchdog decided about its connection.
+#[derive(Debug)]
+enum Verdict {
+    /// Ask the connection to finish gracefully: HTTP/2 sends GOAWAY, HTTP/1.1 closes once idle.
+    Shutdown,
+    /// Drop the connection now (closing the socket), for the reason given.
+    Close(&'static str),
+}
+
+/// One timer per connection, started at accept. A connection no request has reached by the header deadline is
+/// closed: nothing of HTTP has been agreed, so there is nothing to shut down gracefully. After that, a connection
+/// whose [`Activity`] has not moved, with nothing in progress, for the idle timeout is shut down gracefully, and
+/// dropped if it is still there, still quiet, an idle timeout later (a client that never answers GOAWAY's ping).
+struct Watchdog {
+    activity: Arc<Activity>,
+    header_deadline: tokio::time::Instant,
+    idle: Duration,
+    check_every: Duration,
+    /// The counters at the last look, and since when they have not moved with no request in progress.
+    seen: (u64, u64),
+    quiet_since: tokio::time::Instant,
+    shutting_down: bool,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl Watchdog {
+    fn new(activity: Arc<Activity>, timeouts: Timeouts) -> Watchdog {
+        let now = tokio::time::Instant::now();
+        let header_deadline = now + timeouts.header;
+        let check_every = (timeouts.idle / IDLE_CHECKS).max(MIN_CHECK_INTERVAL);
+        Watchdog {
+            activity,
+            header_deadline,
+            idle: timeouts.idle,
+            check_every,
+            seen: (0, 0),
+            quiet_since: now,
+            shutting_down: false,
+            timer: Box::pin(tokio::time::sleep_until(header_deadline.min(now + check_every))),
+        }
+    }
+
+    /// Resolves when the connection should go. Cancel-safe: everything it knows lives in `self`, and it only waits
+    /// on the timer.
+    async fn expired(&mut self) -> Verdict {
+        loop {
+            self.timer.as_mut().await;
+            let now = tokio::time::Instant::now();
+            let (started, finished) = self.activity.load();
+            if started == 0 && now >= self.header_deadline {
+                return Verdict::Close("no request head within the header timeout");
+            }
+            let verdict = if (started, finished) != self.seen || started != finished {
+                self.seen = (started, finished);
+                self.quiet_since = now;
+                None
+            } else if now.duration_since(self.quiet_since) >= self.idle {
+                if self.shutting_down {
+                    return Verdict::Close("still open, and idle, after its graceful shutdown");
+                }
+                self.shutting_down = true;
+                self.quiet_since = now;
+                Some(Verdict::Shutdown)
+            } else {
+                None
+            };
+            let mut next = now + self.check_every;
+            if started == 0 {
+                next = next.min(self.header_deadline);
+            }
+            self.timer.as_mut().reset(next);
+            if let Some(verdict) = verdict {
+                return verdict;
+            }
+        }
+    }
 }
 
 /// Serves the apps in `options.apps_dir` on `listener` until `shutdown` resolves.
@@ -290,7 +510,12 @@ pub async fn serve(
             drop(watcher);
         })
     };
-    let result = run(listener, state, shutdown, options.drain_timeout).await;
+    let timeouts = Timeouts {
+        header: options.header_timeout,
+        idle: options.idle_timeout,
+        drain: options.drain_timeout,
+    };
+    let result = run(listener, state, shutdown, timeouts).await;
     // Stop following changes (dropping the watcher), and drop warm workers before the engine goes.
     loader.abort();
     let _ = loader.await;
