@@ -37,7 +37,7 @@ async fn call(worker: &mut Worker) {
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .expect("a valid request");
     let (sender, receiver) = tokio::sync::oneshot::channel();
-    worker.begin(None);
+    worker.begin(std::sync::Arc::default());
     let data = worker.store.data_mut();
     let request = data.http().new_incoming_request(Scheme::Http, request).unwrap();
     let out = data.http().new_response_outparam(sender).unwrap();
@@ -92,7 +92,7 @@ impl Subject {
             &self.loaded.pre,
             &self.deployment,
             &self.identity,
-            None,
+            std::sync::Arc::default(),
             &self.workers,
         )
         .await

@@ -90,17 +90,13 @@ async fn serve(
     if host_health {
         if deployment.kind == AppKind::Wasm {
             // Healthy means a worker can actually be had: compiled, instantiated, within the cap.
-            let deadline = arrived + HEALTH_TIMEOUT;
-            let lease = state
-                .pool
-                .acquire(&runtime(), Some(deadline))
+            crate::invoke::check(&state.pool, runtime(), arrived + HEALTH_TIMEOUT)
                 .await
-                .map_err(|error| Error::WorkerFailed {
+                .map_err(|reason| Error::WorkerFailed {
                     app: resolved.app.name.clone(),
                     version: version.version.to_string(),
-                    reason: error.to_string(),
+                    reason,
                 })?;
-            state.pool.release_unused(lease);
         }
         return Ok((
             StatusCode::OK,

@@ -1,11 +1,21 @@
-//! Running one request on a worker: the deadline, the body limit, and what a trap or timeout becomes.
+//! Running one request on a worker: the deadline, the body limit, and what a trap, a timeout or a response that
+//! never comes becomes.
 //!
-//! The guest runs in its own task, which owns the worker for the request. The response head comes back through
-//! the `response-outparam` as soon as the guest sets it; the body streams from the guest to the client with
-//! back-pressure while that task is still running. When the guest returns, the task gives the worker back to the
-//! pool (or drops it, if it trapped or ran out of time). A deadline drops the guest's future wherever it is,
-//! which the epoch yields make possible even in a loop that never calls the host.
+//! The front never runs guest code. It hands the call to the guest lanes ([`crate::lanes`]) and waits for the
+//! response head, at most until the request's deadline: the `timeout` covers everything before the head leaves
+//! (waiting for a worker, instantiating it, the handler, the wait for `response-outparam::set`). The call, on
+//! the lane, takes a worker, runs the handler, passes the head on as soon as the guest sets it, and keeps
+//! driving the guest while the body streams to the client with back-pressure. Once the head is out, the
+//! deadline is lifted: a body that keeps coming (server-sent events) is never cut, and one that sends nothing
+//! for the `timeout` is ended with an error (the connection reset, or the HTTP/2 stream), never left hanging.
+//!
+//! A handler that returns without setting its response, whether it dropped the `response-outparam` or kept the
+//! handle (as componentize-js does on a reused instance), gets `500` at once and its worker is discarded, as
+//! `wasmtime serve` does. So is a worker whose client went away mid-call: its state is whatever the guest had
+//! reached. A request body over `maxBodySize` is `413` if no response has started, and aborts the response if
+//! one has, so a client can never mistake a truncated echo for a complete one.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -17,20 +27,89 @@ use axum::response::Response;
 use bytes::Bytes;
 use http::HeaderValue;
 use http_body::{Frame, SizeHint};
-use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use tokio::sync::{oneshot, Notify};
+use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::WasiHttpView;
 
 use crate::error::Error;
-use crate::pool::{AcquireError, Pool, VersionRuntime};
+use crate::pool::{AcquireError, Lease, Pool, VersionRuntime};
+use crate::proxy::stall::StallTimeout;
+use crate::worker::CallClock;
 
-/// How long the response head waits for the first body frame before it is sent alone.
-const FIRST_FRAME_WAIT: Duration = Duration::from_millis(2);
+/// How long the response head waits for the call to end (its body gathered meanwhile) before it leaves with
+/// whatever body is there: a small response then goes out in one write with its head, and only once its worker is
+/// back in the pool, so the client's next request, on any connection, finds it warm.
+const GATHER_WAIT: Duration = Duration::from_millis(2);
+/// The most body a response head waits to gather; past it, the body streams.
+const GATHER_BYTES: usize = 64 * 1024;
 
-/// How a guest's handler call ended.
+/// What a guest's handler gives back through its `response-outparam`.
+type GuestResponse = Result<hyper::Response<HyperOutgoingBody>, ErrorCode>;
+/// What the call sends the front: the response head with its streaming body, or why there is none.
+type Head = Result<hyper::Response<HyperOutgoingBody>, Error>;
+
+/// How a guest's call ended, which decides whether its worker serves again.
 enum Outcome {
+    /// The handler returned after setting a response: the worker may be reused.
     Returned,
+    /// The handler trapped (a panic, running out of memory, ...).
     Trapped(String),
+    /// The deadline passed before the response head, or the body stopped and the call never returned.
     TimedOut,
+    /// The handler returned, or dropped its `response-outparam`, without setting a response.
+    NoResponse,
+    /// The client went away (or the body was cut) mid-call.
+    Abandoned,
+}
+
+/// What the front and the call share besides the head: whether the call has a worker yet, the request body's
+/// limit, and the response body's end.
+#[derive(Default)]
+struct Link {
+    /// Set once the call holds a worker: before that, a deadline is the queue's (503), after it the app's (504).
+    started: AtomicBool,
+    /// Set when the request body went over `maxBodySize`.
+    over_limit: AtomicBool,
+    /// Wakes the front when the request body goes over its limit before the head arrived.
+    front: Notify,
+    /// How the front was done with the response body ([`BodyEnd`]), 0 while it is not.
+    body_end: std::sync::atomic::AtomicU8,
+    /// Wakes the call when the response body ended.
+    call: Notify,
+}
+
+/// How the front was done with a guest's response body.
+#[derive(Clone, Copy, PartialEq)]
+#[repr(u8)]
+enum BodyEnd {
+    /// Read to its end.
+    Complete = 1,
+    /// Dropped before its end: the client went away, or the response needs no body (HEAD, 204, 304).
+    Dropped = 2,
+    /// Cut by the host: it stalled for the timeout, or the request body went over its limit.
+    Cut = 3,
+}
+
+impl Link {
+    fn end_body(&self, end: BodyEnd) {
+        if self
+            .body_end
+            .compare_exchange(0, end as u8, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.call.notify_one();
+        }
+    }
+
+    fn body_end(&self) -> Option<BodyEnd> {
+        match self.body_end.load(Ordering::Acquire) {
+            1 => Some(BodyEnd::Complete),
+            2 => Some(BodyEnd::Dropped),
+            3 => Some(BodyEnd::Cut),
+            _ => None,
+        }
+    }
 }
 
 /// Serves `request` (already rewritten to the app's view) with a worker of `runtime`.
@@ -40,8 +119,6 @@ pub async fn invoke(
     mut request: http::Request<Body>,
     arrived: Instant,
 ) -> Result<Response, Error> {
-    // Only error answers need the names, so they are cloned there, not on every request.
-    let identity = &runtime.identity;
     let config = &runtime.deployment.config;
     let limit = config.max_body_size;
     if let Some(length) = content_length(&request) {
@@ -49,15 +126,8 @@ pub async fn invoke(
             return Err(Error::BodyTooLarge { limit });
         }
     }
-    let deadline = (config.timeout > 0).then(|| arrived + Duration::from_secs(config.timeout));
-    let lease = pool.acquire(&runtime, deadline).await.map_err(|error| match error {
-        AcquireError::QueueFull { .. } | AcquireError::QueueTimeout => Error::PoolBusy(error.to_string()),
-        AcquireError::Instantiate(reason) => Error::WorkerFailed {
-            app: identity.app.clone(),
-            version: identity.version.clone(),
-            reason,
-        },
-    })?;
+    let timeout = (config.timeout > 0).then(|| Duration::from_secs(config.timeout));
+    let deadline = timeout.map(|timeout| arrived + timeout);
 
     // HTTP/1.0 requests may carry no Host, and wasi:http requires an authority.
     if request.uri().authority().is_none() && !request.headers().contains_key(http::header::HOST) {
@@ -65,119 +135,307 @@ pub async fn invoke(
             .headers_mut()
             .insert(http::header::HOST, HeaderValue::from_static("localhost"));
     }
-    let exceeded = Arc::new(AtomicBool::new(false));
+    let link = Arc::new(Link::default());
     let request = request.map(|body| LimitedBody {
         inner: body,
         remaining: limit,
-        exceeded: exceeded.clone(),
+        link: link.clone(),
     });
 
-    let (sender, receiver) = tokio::sync::oneshot::channel();
-    let task_pool = pool.clone();
-    let task = tokio::spawn(async move {
-        let mut lease = lease;
-        lease.worker.begin(deadline);
+    let clock = Arc::new(CallClock::new(deadline));
+    let (head_sender, head) = oneshot::channel();
+    let (released_sender, released) = oneshot::channel();
+    let call = run(
+        pool.clone(),
+        runtime.clone(),
+        request,
+        (clock.clone(), deadline),
+        link.clone(),
+        (head_sender, released_sender),
+    );
+    pool.engine().lanes().spawn(runtime.meter.clone(), clock, call);
+
+    // Dropped unsent (a timeout here, or the client gone), `head` tells the call to stop.
+    let over_limit = link.front.notified();
+    let waited = tokio::select! {
+        head = head => head,
+        () = sleep_until(deadline) => {
+            if !link.started.load(Ordering::Acquire) {
+                pool.counters.queue_timeouts.fetch_add(1, Ordering::Relaxed);
+                return Err(Error::PoolBusy(AcquireError::QueueTimeout.to_string()));
+            }
+            return Err(timed_out(&runtime));
+        }
+        () = over_limit => return Err(Error::BodyTooLarge { limit }),
+    };
+    let response = match waited {
+        Ok(Ok(response)) => response,
+        Ok(Err(error)) => return Err(error),
+        Err(_) => {
+            return Err(Error::Internal(
+                "the guest's call ended without an answer (the guest executor is shutting down)".into(),
+            ))
+        }
+    };
+    let (parts, body) = response.into_parts();
+    let mut body = GuestBody {
+        gathered: std::collections::VecDeque::new(),
+        rest: StallTimeout::optional(body, timeout),
+        link,
+        ended: false,
+        released: Some(released),
+    };
+    body.gather().await;
+    if body.link.over_limit.load(Ordering::Acquire) {
+        return Err(Error::BodyTooLarge { limit });
+    }
+    Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// Whether a worker of `runtime` can be had before `deadline` (compiled, instantiated, within the cap): the
+/// version's health check. Instantiating runs guest code, so it too happens on a guest lane; a new worker is
+/// kept warm if the version keeps workers.
+pub async fn check(pool: &Arc<Pool>, runtime: Arc<VersionRuntime>, deadline: Instant) -> Result<(), String> {
+    let clock = Arc::new(CallClock::new(Some(deadline)));
+    let (sender, answer) = oneshot::channel();
+    let task = {
+        let (pool, runtime, clock) = (pool.clone(), runtime.clone(), clock.clone());
+        async move {
+            let result = pool.acquire(&runtime, &clock, Some(deadline)).await;
+            let _ = sender.send(
+                result
+                    .map(|lease| pool.release_unused(lease))
+                    .map_err(|e| e.to_string()),
+            );
+        }
+    };
+    pool.engine().lanes().spawn(runtime.meter.clone(), clock, task);
+    answer
+        .await
+        .unwrap_or_else(|_| Err("the guest executor is shutting down".into()))
+}
+
+/// The call, on a guest lane: a worker, the handler, the head passed on, the worker given back or discarded.
+async fn run(
+    pool: Arc<Pool>,
+    runtime: Arc<VersionRuntime>,
+    request: http::Request<LimitedBody>,
+    (clock, deadline): (Arc<CallClock>, Option<Instant>),
+    link: Arc<Link>,
+    (mut head, released): (oneshot::Sender<Head>, oneshot::Sender<()>),
+) {
+    let acquired = tokio::select! {
+        acquired = pool.acquire(&runtime, &clock, deadline) => acquired,
+        () = head.closed() => return,
+    };
+    let mut lease = match acquired {
+        Ok(lease) => lease,
+        Err(error) => {
+            let _ = head.send(Err(acquire_error(&runtime, error)));
+            return;
+        }
+    };
+    link.started.store(true, Ordering::Release);
+    lease.worker.begin(clock.clone());
+    let (outparam, mut response) = oneshot::channel::<GuestResponse>();
+    let outcome = {
+        let Lease { worker, .. } = &mut lease;
         let call = async {
-            let worker = &mut lease.worker;
             let data = worker.store.data_mut();
             let request = data.http().new_incoming_request(Scheme::Http, request)?;
-            let out = data.http().new_response_outparam(sender)?;
+            let out = data.http().new_response_outparam(outparam)?;
             worker
                 .proxy
                 .wasi_http_incoming_handler()
                 .call_handle(&mut worker.store, request, out)
                 .await
         };
-        let result = match deadline {
-            Some(deadline) => tokio::time::timeout_at(deadline.into(), call).await.ok(),
-            None => Some(call.await),
+        let timing = Timing {
+            clock: &clock,
+            deadline,
         };
-        let outcome = match result {
-            Some(Ok(())) => Outcome::Returned,
-            None => Outcome::TimedOut,
-            Some(Err(_)) if lease.worker.store.data().timed_out => Outcome::TimedOut,
-            Some(Err(error)) => Outcome::Trapped(format!("{error:?}")),
-        };
-        let identity = &lease.runtime.identity;
-        match &outcome {
-            Outcome::Returned => {}
-            Outcome::TimedOut => tracing::warn!(
-                app = %identity.app,
-                version = %identity.version,
-                "the request ran past its timeout; the worker is discarded"
-            ),
-            Outcome::Trapped(message) => tracing::error!(
-                app = %identity.app,
-                version = %identity.version,
-                "the worker trapped; it is discarded: {message}"
-            ),
+        drive(call, &mut response, head, timing, &link, &runtime).await.0
+    };
+    let identity = &runtime.identity;
+    let counters = &pool.counters;
+    match &outcome {
+        Outcome::Returned | Outcome::Abandoned => {}
+        Outcome::TimedOut => {
+            tracing::warn!(app = %identity.app, version = %identity.version, "the request ran past its timeout; the worker is discarded");
+            counters.timeouts.fetch_add(1, Ordering::Relaxed);
+            counters.failed.fetch_add(1, Ordering::Relaxed);
         }
-        let counters = &task_pool.counters;
-        match &outcome {
-            Outcome::Returned => {}
-            Outcome::TimedOut => {
-                counters.timeouts.fetch_add(1, Ordering::Relaxed);
-                counters.failed.fetch_add(1, Ordering::Relaxed);
-            }
-            Outcome::Trapped(_) => {
-                counters.traps.fetch_add(1, Ordering::Relaxed);
-                counters.failed.fetch_add(1, Ordering::Relaxed);
-            }
+        Outcome::Trapped(message) => {
+            tracing::error!(app = %identity.app, version = %identity.version, "the worker trapped; it is discarded: {message}");
+            counters.traps.fetch_add(1, Ordering::Relaxed);
+            counters.failed.fetch_add(1, Ordering::Relaxed);
         }
-        task_pool.release(lease, matches!(outcome, Outcome::Returned));
-        outcome
-    });
+        Outcome::NoResponse => {
+            tracing::error!(app = %identity.app, version = %identity.version, "{NO_RESPONSE}; the worker is discarded");
+            counters.failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    // A call cut short leaves the instance wherever the guest was: only one that returned serves again.
+    pool.release(lease, matches!(outcome, Outcome::Returned));
+    // Only now does the response end, so a client's next request finds this worker back in the pool.
+    let _ = released.send(());
+}
 
-    match receiver.await {
-        Ok(Ok(response)) => {
-            if exceeded.load(Ordering::Relaxed) {
-                return Err(Error::BodyTooLarge { limit });
-            }
-            let (parts, mut body) = response.into_parts();
-            // Wait briefly for the first piece of the body, so that a small response leaves in one write with its
-            // head instead of two; a body that takes longer streams as it comes.
-            let first = tokio::time::timeout(FIRST_FRAME_WAIT, http_body_util::BodyExt::frame(&mut body))
-                .await
-                .ok();
-            let body = Prefetched { first, rest: body };
-            Ok(Response::from_parts(parts, Body::new(body)))
+const NO_RESPONSE: &str = "the app returned without setting a response (response-outparam::set was never called)";
+
+/// A call's deadline: the instant, for the call's own timer, and the clock the epoch callback reads.
+struct Timing<'a> {
+    clock: &'a CallClock,
+    deadline: Option<Instant>,
+}
+
+/// Drives the handler until it returns, passing the head on as soon as it is set. Returns how the call ended and
+/// whether a head reached the front.
+async fn drive(
+    call: impl Future<Output = wasmtime::Result<()>>,
+    response: &mut oneshot::Receiver<GuestResponse>,
+    mut head: oneshot::Sender<Head>,
+    Timing { clock, deadline }: Timing<'_>,
+    link: &Link,
+    runtime: &VersionRuntime,
+) -> (Outcome, bool) {
+    tokio::pin!(call);
+    let deadline = sleep_until(deadline);
+    tokio::pin!(deadline);
+    // Until the head is out: the deadline holds, and a front that gave up stops the call.
+    enum Before {
+        Returned(wasmtime::Result<()>),
+        Set(Result<GuestResponse, oneshot::error::RecvError>),
+        Gone,
+        Deadline,
+    }
+    let before = tokio::select! {
+        biased;
+        set = &mut *response => Before::Set(set),
+        returned = &mut call => Before::Returned(returned),
+        () = head.closed() => Before::Gone,
+        () = &mut deadline => Before::Deadline,
+    };
+    let set = match before {
+        Before::Set(set) => set,
+        Before::Returned(returned) => {
+            // Returned first: the response may still have been set just before.
+            let outcome = ended(returned, clock);
+            return match response.try_recv() {
+                Ok(set) => {
+                    let sent = pass_on(head, set, clock, runtime);
+                    (if sent { outcome } else { Outcome::Abandoned }, sent)
+                }
+                Err(_) => {
+                    let error = match &outcome {
+                        Outcome::Returned => app_failed(runtime, NO_RESPONSE.into()),
+                        Outcome::TimedOut => timed_out(runtime),
+                        Outcome::Trapped(message) => app_failed(runtime, first_line(message)),
+                        Outcome::NoResponse | Outcome::Abandoned => app_failed(runtime, NO_RESPONSE.into()),
+                    };
+                    let _ = head.send(Err(error));
+                    let outcome = if matches!(outcome, Outcome::Returned) {
+                        Outcome::NoResponse
+                    } else {
+                        outcome
+                    };
+                    (outcome, false)
+                }
+            };
         }
-        Ok(Err(code)) => {
-            if exceeded.load(Ordering::Relaxed) {
-                return Err(Error::BodyTooLarge { limit });
-            }
-            Err(Error::AppFailed {
-                app: identity.app.clone(),
-                version: identity.version.clone(),
-                reason: format!("the app answered with an error: {code:?}"),
-            })
+        Before::Gone => return (Outcome::Abandoned, false),
+        Before::Deadline => {
+            let _ = head.send(Err(timed_out(runtime)));
+            return (Outcome::TimedOut, false);
         }
-        // The guest ended without a response: find out how.
-        Err(_) => {
-            let outcome = task
-                .await
-                .unwrap_or_else(|e| Outcome::Trapped(format!("the worker task failed: {e}")));
-            if exceeded.load(Ordering::Relaxed) {
-                return Err(Error::BodyTooLarge { limit });
-            }
-            Err(match outcome {
-                Outcome::TimedOut => Error::Timeout {
-                    app: identity.app.clone(),
-                    version: identity.version.clone(),
-                    secs: runtime.deployment.config.timeout,
-                },
-                Outcome::Trapped(message) => Error::AppFailed {
-                    app: identity.app.clone(),
-                    version: identity.version.clone(),
-                    reason: first_line(&message),
-                },
-                Outcome::Returned => Error::AppFailed {
-                    app: identity.app.clone(),
-                    version: identity.version.clone(),
-                    reason: "the app returned without setting a response".into(),
-                },
-            })
+    };
+    let Ok(set) = set else {
+        // The outparam was dropped unset: nothing will ever answer.
+        let _ = head.send(Err(app_failed(runtime, NO_RESPONSE.into())));
+        return (Outcome::NoResponse, false);
+    };
+    let answered = set.is_ok();
+    if !pass_on(head, set, clock, runtime) {
+        return (Outcome::Abandoned, false);
+    }
+    if !answered {
+        // The app answered with an error code; it should return at once, within its deadline.
+        return tokio::select! {
+            returned = &mut call => (ended(returned, clock), true),
+            () = &mut deadline => (Outcome::TimedOut, true),
+        };
+    }
+    // The head is out and the body streams: the call runs until the handler returns. If the guest finished the
+    // body first, the handler has the timeout to return (the response ends only when it has); if the body was
+    // cut or the client left, the call stops here.
+    let body_end = link.call.notified();
+    tokio::pin!(body_end);
+    tokio::select! {
+        returned = &mut call => return (ended(returned, clock), true),
+        () = &mut body_end => {}
+    }
+    if link.body_end() == Some(BodyEnd::Cut) {
+        return (Outcome::Abandoned, true);
+    }
+    let grace = runtime.timeout().map(|timeout| Instant::now() + timeout);
+    clock.set_deadline(grace);
+    tokio::select! {
+        returned = &mut call => (ended(returned, clock), true),
+        () = sleep_until(grace) => (Outcome::TimedOut, true),
+    }
+}
+
+/// Sends what the guest set to the front, lifting the deadline for a streaming body. False if the front is gone.
+fn pass_on(head: oneshot::Sender<Head>, set: GuestResponse, clock: &CallClock, runtime: &VersionRuntime) -> bool {
+    let head_value = match set {
+        Ok(response) => {
+            clock.set_deadline(None);
+            Ok(response)
         }
+        Err(code) => Err(app_failed(runtime, format!("the app answered with an error: {code:?}"))),
+    };
+    head.send(head_value).is_ok()
+}
+
+fn ended(returned: wasmtime::Result<()>, clock: &CallClock) -> Outcome {
+    match returned {
+        Ok(()) => Outcome::Returned,
+        Err(_) if clock.timed_out() => Outcome::TimedOut,
+        Err(error) => Outcome::Trapped(format!("{error:?}")),
+    }
+}
+
+fn acquire_error(runtime: &VersionRuntime, error: AcquireError) -> Error {
+    match error {
+        AcquireError::QueueFull { .. } | AcquireError::QueueTimeout => Error::PoolBusy(error.to_string()),
+        AcquireError::Instantiate(reason) => Error::WorkerFailed {
+            app: runtime.identity.app.clone(),
+            version: runtime.identity.version.clone(),
+            reason,
+        },
+    }
+}
+
+fn timed_out(runtime: &VersionRuntime) -> Error {
+    Error::Timeout {
+        app: runtime.identity.app.clone(),
+        version: runtime.identity.version.clone(),
+        secs: runtime.deployment.config.timeout,
+    }
+}
+
+fn app_failed(runtime: &VersionRuntime, reason: String) -> Error {
+    Error::AppFailed {
+        app: runtime.identity.app.clone(),
+        version: runtime.identity.version.clone(),
+        reason,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -194,12 +452,13 @@ fn content_length<B>(request: &http::Request<B>) -> Option<u64> {
         .and_then(|value| value.parse().ok())
 }
 
-/// A request body that ends with an error once more than `remaining` bytes went through, and remembers that it
-/// did so the host can answer 413 rather than whatever the guest made of a broken body.
+/// A request body that ends with an error once more than `remaining` bytes went through, and says so to the
+/// front, which answers 413 (or aborts a response already started) rather than pass on whatever the guest made
+/// of a broken body.
 struct LimitedBody {
     inner: Body,
     remaining: u64,
-    exceeded: Arc<AtomicBool>,
+    link: Arc<Link>,
 }
 
 impl http_body::Body for LimitedBody {
@@ -216,7 +475,8 @@ impl http_body::Body for LimitedBody {
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
                     if len > this.remaining {
-                        this.exceeded.store(true, Ordering::Relaxed);
+                        this.link.over_limit.store(true, Ordering::Release);
+                        this.link.front.notify_one();
                         return Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpRequestBodySize(None))));
                     }
                     this.remaining -= len;
@@ -240,39 +500,118 @@ impl http_body::Body for LimitedBody {
     }
 }
 
-/// A response body whose first frame was already read: `None` when the wait ran out, `Some(None)` when the body
-/// had already ended.
-struct Prefetched {
-    first: Option<Option<Result<Frame<Bytes>, wasmtime_wasi_http::Error>>>,
-    rest: wasmtime_wasi_http::p2::body::HyperOutgoingBody,
+/// The guest's response body on its way to the client: cut if it stalls for the timeout, aborted if the request
+/// body went over its limit, and, when it is dropped, telling the call whether it ended cleanly.
+struct GuestBody {
+    /// Frames read before the head left.
+    gathered: std::collections::VecDeque<Result<Frame<Bytes>, BoxError>>,
+    rest: StallTimeout<HyperOutgoingBody>,
+    link: Arc<Link>,
+    /// Whether the end of the body was seen.
+    ended: bool,
+    /// Fires when the call has given its worker back: the body ends only then.
+    released: Option<oneshot::Receiver<()>>,
 }
 
-impl http_body::Body for Prefetched {
-    type Data = Bytes;
-    type Error = String;
+/// The error a response body is aborted with when the request body went over its limit mid-response.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body went over the app's maxBodySize; the response is aborted")]
+struct RequestOverLimit;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        if let Some(first) = self.first.take() {
-            return Poll::Ready(first.map(|frame| frame.map_err(|e| e.to_string())));
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl http_body::Body for GuestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.link.over_limit.load(Ordering::Acquire) {
+            this.link.end_body(BodyEnd::Cut);
+            return Poll::Ready(Some(Err(RequestOverLimit.into())));
         }
-        Pin::new(&mut self.rest).poll_frame(cx).map_err(|e| e.to_string())
+        if let Some(frame) = this.gathered.pop_front() {
+            return Poll::Ready(Some(frame));
+        }
+        if !this.ended {
+            match Pin::new(&mut this.rest).poll_frame(cx) {
+                Poll::Ready(None) => {
+                    // The guest may have gone over the limit while the last frames were read: never end cleanly
+                    // then.
+                    if this.link.over_limit.load(Ordering::Acquire) {
+                        this.link.end_body(BodyEnd::Cut);
+                        return Poll::Ready(Some(Err(RequestOverLimit.into())));
+                    }
+                    this.ended = true;
+                    this.link.end_body(BodyEnd::Complete);
+                }
+                Poll::Ready(Some(Err(error))) => {
+                    this.link.end_body(BodyEnd::Cut);
+                    return Poll::Ready(Some(Err(error)));
+                }
+                other => return other,
+            }
+        }
+        if let Some(released) = &mut this.released {
+            // Closed (the lane shut down) counts as released: nothing more will come.
+            let _ = std::task::ready!(Pin::new(released).poll(cx));
+            this.released = None;
+        }
+        Poll::Ready(None)
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.first {
-            Some(None) => true,
-            Some(Some(_)) => false,
-            None => self.rest.is_end_stream(),
-        }
+        // Never before the worker is back: the end is only told once it is.
+        self.released.is_none() && self.ended && self.gathered.is_empty()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.first {
-            Some(_) => SizeHint::default(),
-            None => self.rest.size_hint(),
+        if !self.gathered.is_empty() {
+            return SizeHint::default();
         }
+        self.rest.size_hint()
+    }
+}
+
+impl GuestBody {
+    /// Reads the body until the call ends, [`GATHER_BYTES`] are there, or [`GATHER_WAIT`] has passed.
+    async fn gather(&mut self) {
+        let gathering = async {
+            let mut bytes = 0;
+            while bytes < GATHER_BYTES {
+                tokio::select! {
+                    biased;
+                    frame = http_body_util::BodyExt::frame(&mut self.rest), if !self.ended => match frame {
+                        Some(frame) => {
+                            bytes += frame.as_ref().ok().and_then(Frame::data_ref).map_or(0, Bytes::len);
+                            let failed = frame.is_err();
+                            self.gathered.push_back(frame);
+                            if failed {
+                                return;
+                            }
+                        }
+                        None => {
+                            self.ended = true;
+                            self.link.end_body(BodyEnd::Complete);
+                        }
+                    },
+                    released = async { self.released.as_mut().expect("not yet released").await } => {
+                        let _ = released;
+                        self.released = None;
+                        if self.ended {
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        let _ = tokio::time::timeout(GATHER_WAIT, gathering).await;
+    }
+}
+
+impl Drop for GuestBody {
+    fn drop(&mut self) {
+        // After its end, or after a cut, this repeats what the call already knows.
+        self.link.end_body(BodyEnd::Dropped);
     }
 }

@@ -14,6 +14,7 @@
 //! - [`proxy`]: a version's `proxy` rules: matched requests forwarded to upstreams, WebSocket tunnels.
 //! - [`static_files`]: static apps, with conditional and range requests, confined to their directory.
 //! - [`invoke`]: one request on a WASM worker: deadline, body limit, traps and timeouts as HTTP answers.
+//! - [`lanes`]: the threads guest code runs on, apart from the front, with long calls and heavy apps demoted.
 //! - [`pool`]: the bounded pool of workers: the `POOL_SIZE` cap, warm reuse, LRU eviction, the wait queue.
 //! - [`worker`]: one isolated instance: its env, read-only filesystem, outbound policy, memory cap, logs.
 //! - [`engine`]: the one wasmtime engine: pooling allocator, epoch ticker, compile cache.
@@ -29,6 +30,7 @@ pub mod engine;
 pub mod error;
 pub mod internal;
 pub mod invoke;
+pub mod lanes;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;

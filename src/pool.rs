@@ -4,7 +4,14 @@
 //! instance owns a [`Slot`]; a slot is only ever created under the cap and, when its instance goes away, it is
 //! handed straight to the first waiter or given back, so the count can never drift. A request that finds no warm
 //! worker of its version takes a free slot, else evicts the least recently used idle worker of any app, else waits
-//! in a bounded FIFO queue until its deadline; a full queue is refused at once.
+//! in a bounded queue until its deadline; a full queue is refused at once.
+//!
+//! Under contention each version gets a fair share of the pool, and an app alone can still use all of it: a slot
+//! that frees up (or a worker given back while others wait) goes to the waiting version that holds the fewest
+//! slots, oldest waiter first among equals. A version holding more than its share therefore keeps no slot it
+//! gives back while a version with fewer waits, and the split converges to even; no config is needed. A full
+//! queue makes room for a version with fewer waiters by refusing the newest waiter of the version with the most,
+//! so one app's flood cannot lock the others out of the queue either.
 //!
 //! Workers are dropped outside the pool's lock: dropping one frees its slot, which takes the lock.
 
@@ -17,9 +24,10 @@ use lru::LruCache;
 use tokio::sync::{oneshot, OnceCell};
 
 use crate::engine::{Engine, Loaded};
+use crate::lanes::VersionMeter;
 use crate::metrics::workers::WorkerTable;
 use crate::registry::{Deployment, Snapshot};
-use crate::worker::{Identity, Worker};
+use crate::worker::{CallClock, Identity, Worker};
 
 /// Default `POOL_SIZE`: live instances across all apps.
 pub const DEFAULT_POOL_SIZE: usize = 32;
@@ -46,11 +54,19 @@ pub struct VersionRuntime {
     key: u64,
     pub identity: Identity,
     pub deployment: Deployment,
+    /// The version's guest CPU and share of it; kept across runtimes of the same version.
+    pub meter: Arc<VersionMeter>,
     loaded: OnceCell<Result<Arc<Loaded>, String>>,
     retired: AtomicBool,
 }
 
 impl VersionRuntime {
+    /// The request deadline's length (`timeout`), if the version has one.
+    pub fn timeout(&self) -> Option<Duration> {
+        let secs = self.deployment.config.timeout;
+        (secs > 0).then(|| Duration::from_secs(secs))
+    }
+
     /// The compiled component, compiling it (off the async threads) the first time. Concurrent callers share one
     /// compilation.
     pub async fn loaded(&self, engine: &Arc<Engine>) -> Result<Arc<Loaded>, String> {
@@ -181,6 +197,9 @@ pub struct Pool {
     /// The WASM versions (and their fingerprints) of the last snapshot followed by [`Pool::sync`], so that a
     /// reload compiles only what it added or changed.
     synced: Mutex<HashMap<(String, String), u64>>,
+    /// Every deployed WASM version's guest CPU meter, and the CPU of versions no longer deployed.
+    meters: Mutex<HashMap<(String, String), Arc<VersionMeter>>>,
+    retired_cpu: Mutex<Duration>,
     next_runtime_key: AtomicU64,
     pub counters: Arc<PoolCounters>,
     workers: Arc<WorkerTable>,
@@ -206,8 +225,80 @@ struct State {
     idle: HashMap<u64, Vec<Idle>>,
     /// Idle worker ids (with their runtime key) in order of last use, for eviction across apps.
     lru: LruCache<u64, u64>,
-    waiters: VecDeque<Waiter>,
+    /// Live slots per runtime key: what the fair share is counted in.
+    held: HashMap<u64, usize>,
+    /// Waiters per runtime key, oldest first.
+    waiting: HashMap<u64, VecDeque<Waiter>>,
+    /// Waiters across all runtimes.
+    queued: usize,
     next_waiter: u64,
+}
+
+impl State {
+    fn hold(&mut self, runtime: u64) {
+        *self.held.entry(runtime).or_default() += 1;
+    }
+
+    fn unhold(&mut self, runtime: u64) {
+        if let Some(held) = self.held.get_mut(&runtime) {
+            *held -= 1;
+            if *held == 0 {
+                self.held.remove(&runtime);
+            }
+        }
+    }
+
+    /// The runtime whose waiter is served next: the one holding the fewest slots, the oldest waiter first.
+    fn next_in_line(&self) -> Option<u64> {
+        self.waiting
+            .iter()
+            .filter_map(|(runtime, queue)| Some((*runtime, queue.front()?.id)))
+            .min_by_key(|(runtime, first)| (self.held.get(runtime).copied().unwrap_or(0), *first))
+            .map(|(runtime, _)| runtime)
+    }
+
+    fn pop_waiter(&mut self, runtime: u64) -> Option<Waiter> {
+        let queue = self.waiting.get_mut(&runtime)?;
+        let waiter = queue.pop_front();
+        if queue.is_empty() {
+            self.waiting.remove(&runtime);
+        }
+        if waiter.is_some() {
+            self.queued -= 1;
+        }
+        waiter
+    }
+
+    /// In a full queue, refuses the newest waiter of the runtime with the most waiters, if it has more than one
+    /// more than `runtime`: true if that made room.
+    fn make_room(&mut self, runtime: u64) -> bool {
+        let mine = self.waiting.get(&runtime).map_or(0, VecDeque::len);
+        let Some((&largest, _)) = self
+            .waiting
+            .iter()
+            .filter(|(_, queue)| queue.len() > mine + 1)
+            .max_by_key(|(_, queue)| queue.len())
+        else {
+            return false;
+        };
+        let queue = self.waiting.get_mut(&largest).expect("just found");
+        let refused = queue.pop_back().expect("a queue longer than another is not empty");
+        self.queued -= 1;
+        // A waiter that already gave up needs no word; either way its place is free.
+        let _ = refused.grant.send(Grant::Refused);
+        true
+    }
+
+    fn remove_waiter(&mut self, runtime: u64, id: u64) {
+        if let Some(queue) = self.waiting.get_mut(&runtime) {
+            let before = queue.len();
+            queue.retain(|waiter| waiter.id != id);
+            self.queued -= before - queue.len();
+            if queue.is_empty() {
+                self.waiting.remove(&runtime);
+            }
+        }
+    }
 }
 
 struct Waiter {
@@ -219,11 +310,15 @@ struct Waiter {
 enum Grant {
     Worker(Idle),
     Slot(Slot),
+    /// The queue was full and a version with fewer waiters needed the place.
+    Refused,
 }
 
-/// The right to one live instance. Dropping it frees the room for the next waiter, or gives it back.
+/// The right to one live instance, held by one runtime. Dropping it frees the room for the next waiter, or
+/// gives it back.
 struct Slot {
     shared: Option<Arc<Shared>>,
+    owner: u64,
 }
 
 impl Slot {
@@ -236,7 +331,7 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Some(shared) = self.shared.take() {
-            shared.free_slot(&shared);
+            shared.free_slot(&shared, self.owner);
         }
     }
 }
@@ -248,18 +343,24 @@ impl Shared {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// A slot's instance is gone: pass the room to the first live waiter, or give it back.
-    fn free_slot(&self, this: &Arc<Shared>) {
+    /// A slot's instance is gone: pass the room to the next waiter in line, or give it back.
+    fn free_slot(&self, this: &Arc<Shared>, owner: u64) {
         let mut state = self.lock();
-        while let Some(waiter) = state.waiters.pop_front() {
+        state.unhold(owner);
+        while let Some(runtime) = state.next_in_line() {
+            let waiter = state.pop_waiter(runtime).expect("a runtime in line has a waiter");
             let grant = Grant::Slot(Slot {
                 shared: Some(this.clone()),
+                owner: waiter.runtime,
             });
             match waiter.grant.send(grant) {
-                Ok(()) => return,
+                Ok(()) => {
+                    state.hold(waiter.runtime);
+                    return;
+                }
                 // The waiter gave up; the room stays ours for the next one.
                 Err(Grant::Slot(slot)) => slot.disarm(),
-                Err(Grant::Worker(_)) => unreachable!("a slot was sent"),
+                Err(_) => unreachable!("a slot was sent"),
             }
         }
         state.live -= 1;
@@ -278,12 +379,16 @@ impl Pool {
                     peak: 0,
                     idle: HashMap::new(),
                     lru: LruCache::unbounded(),
-                    waiters: VecDeque::new(),
+                    held: HashMap::new(),
+                    waiting: HashMap::new(),
+                    queued: 0,
                     next_waiter: 0,
                 }),
             }),
             runtimes: Mutex::new(HashMap::new()),
             synced: Mutex::new(HashMap::new()),
+            meters: Mutex::new(HashMap::new()),
+            retired_cpu: Mutex::new(Duration::ZERO),
             next_runtime_key: AtomicU64::new(1),
             counters: Arc::default(),
             workers: Arc::default(),
@@ -306,7 +411,7 @@ impl Pool {
             capacity: self.shared.cap,
             live: state.live,
             idle: state.lru.len(),
-            queued: state.waiters.len(),
+            queued: state.queued,
             peak: state.peak,
         }
     }
@@ -320,6 +425,13 @@ impl Pool {
                 return runtime.clone();
             }
         }
+        let meter = {
+            let mut meters = self.meters.lock().unwrap_or_else(|p| p.into_inner());
+            meters
+                .entry(key.clone())
+                .or_insert_with(|| self.engine.lanes().meter())
+                .clone()
+        };
         let runtime = Arc::new(VersionRuntime {
             key: self.next_runtime_key.fetch_add(1, Ordering::Relaxed),
             identity: Identity {
@@ -327,6 +439,7 @@ impl Pool {
                 version: version.to_owned(),
             },
             deployment: deployment.clone(),
+            meter,
             loaded: OnceCell::new(),
             retired: AtomicBool::new(false),
         });
@@ -368,6 +481,19 @@ impl Pool {
         for runtime in stale {
             self.retire(&runtime);
         }
+        {
+            // A version that is gone keeps its CPU in the retired total, so totals never go down.
+            let mut meters = self.meters.lock().unwrap_or_else(|p| p.into_inner());
+            let mut retired = Duration::ZERO;
+            meters.retain(|key, meter| {
+                let keep = current.contains_key(key);
+                if !keep {
+                    retired += meter.cpu();
+                }
+                keep
+            });
+            *self.retired_cpu.lock().unwrap_or_else(|p| p.into_inner()) += retired;
+        }
         let fresh: Vec<((String, String), Deployment)> = {
             let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
             synced.retain(|key, _| current.contains_key(key));
@@ -407,11 +533,22 @@ impl Pool {
         drop(dropped);
     }
 
+    /// Guest CPU per deployed WASM version, and the CPU of versions no longer deployed.
+    pub fn guest_cpu(&self) -> (Vec<(String, String, Duration)>, Duration) {
+        let meters = self.meters.lock().unwrap_or_else(|p| p.into_inner());
+        let versions = meters
+            .iter()
+            .map(|((app, version), meter)| (app.clone(), version.clone(), meter.cpu()))
+            .collect();
+        (versions, *self.retired_cpu.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     /// A worker for `runtime`: a warm one, a new one in a free or evicted slot, or one that frees up before
-    /// `deadline`.
+    /// `deadline`. A new instance is started under `clock`, whose deadline covers its instantiation.
     pub async fn acquire(
         &self,
         runtime: &Arc<VersionRuntime>,
+        clock: &Arc<CallClock>,
         deadline: Option<Instant>,
     ) -> Result<Lease, AcquireError> {
         let now = Instant::now();
@@ -433,8 +570,10 @@ impl Pool {
                 None if state.live < self.shared.cap => {
                     state.live += 1;
                     state.peak = state.peak.max(state.live);
+                    state.hold(runtime.key);
                     Step::Create(Slot {
                         shared: Some(self.shared.clone()),
+                        owner: runtime.key,
                     })
                 }
                 None => match state.lru.pop_lru() {
@@ -444,13 +583,19 @@ impl Pool {
                             .get_mut(&key)
                             .expect("an idle worker in the LRU is in its list");
                         let at = list.iter().position(|i| i.worker.id() == worker_id).expect("listed");
-                        Step::Evict(list.remove(at))
+                        let mut idle = list.remove(at);
+                        // The slot changes hands: it counts toward the new runtime's share from now on.
+                        state.unhold(idle.slot.owner);
+                        state.hold(runtime.key);
+                        idle.slot.owner = runtime.key;
+                        Step::Evict(idle)
                     }
-                    None if state.waiters.len() < self.shared.queue_limit => {
+                    None if state.queued < self.shared.queue_limit || state.make_room(runtime.key) => {
                         let (grant, receiver) = oneshot::channel();
                         let id = state.next_waiter;
                         state.next_waiter += 1;
-                        state.waiters.push_back(Waiter {
+                        state.queued += 1;
+                        state.waiting.entry(runtime.key).or_default().push_back(Waiter {
                             id,
                             runtime: runtime.key,
                             grant,
@@ -464,7 +609,7 @@ impl Pool {
         drop(expired);
         match step {
             Step::Warm(idle) => Ok(self.warm(idle)),
-            Step::Create(slot) => self.create(runtime, slot, deadline).await,
+            Step::Create(slot) => self.create(runtime, slot, clock).await,
             Step::Evict(idle) => {
                 self.counters.evictions.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(
@@ -475,9 +620,9 @@ impl Pool {
                 );
                 let Idle { worker, slot, .. } = idle;
                 drop(worker);
-                self.create(runtime, slot, deadline).await
+                self.create(runtime, slot, clock).await
             }
-            Step::Wait(id, receiver) => self.wait(runtime, id, receiver, deadline).await,
+            Step::Wait(id, receiver) => self.wait(runtime, id, receiver, clock, deadline).await,
             Step::Full => {
                 self.counters.queue_rejected.fetch_add(1, Ordering::Relaxed);
                 Err(AcquireError::QueueFull {
@@ -491,26 +636,56 @@ impl Pool {
         &self,
         runtime: &Arc<VersionRuntime>,
         id: u64,
-        mut receiver: oneshot::Receiver<Grant>,
+        receiver: oneshot::Receiver<Grant>,
+        clock: &Arc<CallClock>,
         deadline: Option<Instant>,
     ) -> Result<Lease, AcquireError> {
+        // Leaves the queue however the wait ends, the caller giving up (dropping this future) included; a grant
+        // that raced with that is dropped, which passes it on.
+        struct Leave<'a> {
+            shared: &'a Shared,
+            runtime: u64,
+            id: u64,
+            receiver: oneshot::Receiver<Grant>,
+        }
+        impl Drop for Leave<'_> {
+            fn drop(&mut self) {
+                self.receiver.close();
+                if let Ok(grant) = self.receiver.try_recv() {
+                    drop(grant);
+                    return;
+                }
+                self.shared.lock().remove_waiter(self.runtime, self.id);
+            }
+        }
+        let mut leave = Leave {
+            shared: &self.shared,
+            runtime: runtime.key,
+            id,
+            receiver,
+        };
         let granted = match deadline {
-            Some(deadline) => tokio::time::timeout_at(deadline.into(), &mut receiver).await.ok(),
-            None => Some((&mut receiver).await),
+            Some(deadline) => tokio::time::timeout_at(deadline.into(), &mut leave.receiver).await.ok(),
+            None => Some((&mut leave.receiver).await),
         };
         let grant = match granted {
             Some(Ok(grant)) => grant,
             _ => {
-                // Leave the queue; a grant that raced with the deadline is dropped, which passes it on.
-                self.shared.lock().waiters.retain(|waiter| waiter.id != id);
-                drop(receiver.try_recv());
+                drop(leave);
                 self.counters.queue_timeouts.fetch_add(1, Ordering::Relaxed);
                 return Err(AcquireError::QueueTimeout);
             }
         };
+        drop(leave);
         match grant {
             Grant::Worker(idle) => Ok(self.warm(idle)),
-            Grant::Slot(slot) => self.create(runtime, slot, deadline).await,
+            Grant::Slot(slot) => self.create(runtime, slot, clock).await,
+            Grant::Refused => {
+                self.counters.queue_rejected.fetch_add(1, Ordering::Relaxed);
+                Err(AcquireError::QueueFull {
+                    limit: self.shared.queue_limit,
+                })
+            }
         }
     }
 
@@ -529,7 +704,7 @@ impl Pool {
         &self,
         runtime: &Arc<VersionRuntime>,
         slot: Slot,
-        deadline: Option<Instant>,
+        clock: &Arc<CallClock>,
     ) -> Result<Lease, AcquireError> {
         self.counters.misses.fetch_add(1, Ordering::Relaxed);
         let failed = |reason: String| {
@@ -542,7 +717,7 @@ impl Pool {
             &loaded.pre,
             &runtime.deployment,
             &runtime.identity,
-            deadline,
+            clock.clone(),
             &self.workers,
         )
         .await
@@ -579,20 +754,20 @@ impl Pool {
         }
         let mut idle = Idle { worker, runtime, slot };
         let mut state = self.shared.lock();
-        while let Some(front) = state.waiters.front() {
-            if front.runtime != idle.runtime.key {
-                // The first in line wants another version: it gets this worker's slot (after the lock is released,
-                // so the drop below does the handing over).
+        while let Some(next) = state.next_in_line() {
+            if next != idle.runtime.key {
+                // The next in line is another version (one holding fewer slots): it gets this worker's slot, after
+                // the lock is released, so the drop below does the handing over.
                 break;
             }
-            let waiter = state.waiters.pop_front().expect("front exists");
+            let waiter = state.pop_waiter(next).expect("a runtime in line has a waiter");
             match waiter.grant.send(Grant::Worker(idle)) {
                 Ok(()) => return,
                 Err(Grant::Worker(back)) => idle = back,
-                Err(Grant::Slot(_)) => unreachable!("a worker was sent"),
+                Err(_) => unreachable!("a worker was sent"),
             }
         }
-        if !state.waiters.is_empty() {
+        if state.queued > 0 {
             // A warm worker goes so that a request for another version gets its slot: that is an eviction.
             drop(state);
             self.counters.evictions.fetch_add(1, Ordering::Relaxed);

@@ -6,8 +6,8 @@
 //! serves one request at a time; the pool decides whether it serves another.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -44,11 +44,58 @@ pub struct WorkerState {
     table: ResourceTable,
     hooks: OutboundPolicy,
     limits: MeteredLimits,
-    /// When the current request must end; the epoch callback traps past it.
-    pub deadline: Option<Instant>,
-    /// Set by the epoch callback when it interrupts the guest for its deadline.
-    pub timed_out: bool,
+    /// The current call's deadline and yields, shared with the task that runs it.
+    clock: Arc<CallClock>,
     log_budget: std::sync::Arc<LogBudget>,
+}
+
+/// What the epoch callback and the task running a call share: the deadline (which the task lifts once the
+/// response head is out, so a steady stream is not cut), whether the callback interrupted the guest for it, and
+/// how often the guest yielded because it kept computing (which the guest lanes use to tell a loop from a wait).
+#[derive(Debug, Default)]
+pub struct CallClock {
+    /// Nanoseconds after [`CLOCK_BASE`], plus one; 0 means no deadline.
+    deadline: AtomicU64,
+    timed_out: AtomicBool,
+    yields: AtomicU64,
+}
+
+static CLOCK_BASE: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+impl CallClock {
+    pub fn new(deadline: Option<Instant>) -> CallClock {
+        let clock = CallClock::default();
+        clock.set_deadline(deadline);
+        clock
+    }
+
+    pub fn set_deadline(&self, deadline: Option<Instant>) {
+        let encoded = match deadline {
+            Some(deadline) => {
+                let after = deadline.saturating_duration_since(*CLOCK_BASE).as_nanos();
+                u64::try_from(after).unwrap_or(u64::MAX - 1) + 1
+            }
+            None => 0,
+        };
+        self.deadline.store(encoded, Ordering::Relaxed);
+    }
+
+    fn past_deadline(&self, now: Instant) -> bool {
+        match self.deadline.load(Ordering::Relaxed) {
+            0 => false,
+            encoded => now.saturating_duration_since(*CLOCK_BASE).as_nanos() >= u128::from(encoded - 1),
+        }
+    }
+
+    /// Whether the guest was interrupted because its deadline passed.
+    pub fn timed_out(&self) -> bool {
+        self.timed_out.load(Ordering::Relaxed)
+    }
+
+    /// Epoch yields so far.
+    pub fn yields(&self) -> u64 {
+        self.yields.load(Ordering::Relaxed)
+    }
 }
 
 impl WasiView for WorkerState {
@@ -80,13 +127,13 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Instantiates `pre` in a fresh store set up for `deployment`, trapping if that outlasts `deadline`.
+    /// Instantiates `pre` in a fresh store set up for `deployment`, trapping if that outlasts `clock`'s deadline.
     pub async fn new(
         engine: &wasmtime::Engine,
         pre: &ProxyPre<WorkerState>,
         deployment: &Deployment,
         identity: &Identity,
-        deadline: Option<Instant>,
+        clock: Arc<CallClock>,
         table: &Arc<WorkerTable>,
     ) -> anyhow::Result<Worker> {
         let config = &deployment.config;
@@ -116,8 +163,7 @@ impl Worker {
                 status.clone(),
             ),
             // The request's deadline covers instantiation too: a component whose start never returns traps.
-            deadline,
-            timed_out: false,
+            clock,
             log_budget,
         };
         let mut store = Store::new(engine, state);
@@ -125,14 +171,14 @@ impl Worker {
         // Every tick, yield to the scheduler so a guest that never blocks still shares the thread; past the
         // deadline, trap. The first deadline is one tick away, so instantiation itself is covered too.
         store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(|mut context| {
-            let state = context.data_mut();
-            match state.deadline {
-                Some(deadline) if Instant::now() >= deadline => {
-                    state.timed_out = true;
-                    Ok(UpdateDeadline::Interrupt)
-                }
-                _ => Ok(UpdateDeadline::Yield(1)),
+        store.epoch_deadline_callback(|context| {
+            let clock = &context.data().clock;
+            if clock.past_deadline(Instant::now()) {
+                clock.timed_out.store(true, Ordering::Relaxed);
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                clock.yields.fetch_add(1, Ordering::Relaxed);
+                Ok(UpdateDeadline::Yield(1))
             }
         });
         let proxy = pre.instantiate_async(&mut store).await?;
@@ -148,11 +194,10 @@ impl Worker {
         self.status.id
     }
 
-    /// Starts a request: sets its deadline and a fresh log budget.
-    pub fn begin(&mut self, deadline: Option<Instant>) {
+    /// Starts a request: its clock (deadline and yields) and a fresh log budget.
+    pub fn begin(&mut self, clock: Arc<CallClock>) {
         let state = self.store.data_mut();
-        state.deadline = deadline;
-        state.timed_out = false;
+        state.clock = clock;
         state.log_budget.reset();
     }
 }

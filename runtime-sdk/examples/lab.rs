@@ -97,6 +97,30 @@ fn handle(request: Request) -> Response {
             }
             Response::json(200, &serde_json::json!({ "bytes": total }))
         })
+        .get("/drip", |request| {
+            // `n` small chunks, `ms` apart: a steady stream (like server-sent events) that outlasts its timeout.
+            let n: u64 = request.query_param("n").and_then(|n| n.parse().ok()).unwrap_or(5);
+            let ms: u64 = request.query_param("ms").and_then(|ms| ms.parse().ok()).unwrap_or(200);
+            Response::stream(200, move |out| {
+                for i in 0..n {
+                    std::io::Write::write_all(out, format!("data: {i}\n\n").as_bytes())?;
+                    std::io::Write::flush(out)?;
+                    std::thread::sleep(std::time::Duration::from_millis(ms));
+                }
+                Ok(())
+            })
+        })
+        .get("/stall", |_| {
+            // Sends its head and a first chunk, then computes forever without writing another byte.
+            Response::stream(200, |out| {
+                std::io::Write::write_all(out, b"first chunk\n")?;
+                std::io::Write::flush(out)?;
+                let mut n: u64 = 0;
+                loop {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            })
+        })
         .get("/stream", |request| {
             // Writes `mb` MiB generated on the fly.
             let mb: usize = request.query_param("mb").and_then(|mb| mb.parse().ok()).unwrap_or(1);

@@ -18,11 +18,12 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 pub use cache::{default_cache_dir, Cache};
 
+use crate::lanes::Lanes;
 use crate::worker::WorkerState;
 
 /// How often the epoch advances. A guest yields to the scheduler at least this often, and a deadline is enforced
 /// to within about this much.
-pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 /// Pooling-allocator slots per instance beyond its one component instance: core instances, memories and tables
 /// of the (small) modules a component is made of. Generous, because a slot is only address space until used.
@@ -67,6 +68,7 @@ pub struct Engine {
     cache: Option<Cache>,
     pooling: bool,
     stop_ticker: Arc<AtomicBool>,
+    lanes: Lanes,
 }
 
 impl Engine {
@@ -99,7 +101,10 @@ impl Engine {
         let stop_ticker = Arc::new(AtomicBool::new(false));
         spawn_ticker(wasmtime.clone(), stop_ticker.clone())
             .map_err(|e| anyhow::anyhow!("cannot start the epoch ticker thread: {e}"))?;
+        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        let lanes = Lanes::new(threads).map_err(|e| anyhow::anyhow!("cannot start the guest threads: {e}"))?;
         Ok(Engine {
+            lanes,
             wasmtime,
             linker,
             cache,
@@ -110,6 +115,11 @@ impl Engine {
 
     pub fn wasmtime(&self) -> &wasmtime::Engine {
         &self.wasmtime
+    }
+
+    /// The executors guest code runs on.
+    pub fn lanes(&self) -> &Lanes {
+        &self.lanes
     }
 
     /// Whether instances come from the pooling allocator.

@@ -86,6 +86,7 @@ impl AppStats {
             version: self.version.clone(),
             statuses,
             latency: self.latency.counts(),
+            cpu: Duration::ZERO,
         }
     }
 }
@@ -99,6 +100,8 @@ pub struct AppReading {
     /// (status, responses), for each status sent at least once, in order.
     pub statuses: Vec<(u16, u64)>,
     pub latency: Counts,
+    /// CPU its guests used (WebAssembly versions only), as the pool's meters have it.
+    pub cpu: Duration,
 }
 
 impl AppReading {
@@ -126,6 +129,7 @@ pub struct Recent {
     pub requests: u64,
     pub errors: u64,
     pub latency: Counts,
+    pub cpu: Duration,
 }
 
 impl Recent {
@@ -136,6 +140,7 @@ impl Recent {
             requests: now.requests().saturating_sub(then.requests),
             errors: now.errors().saturating_sub(then.errors),
             latency: now.latency.since(&then.latency),
+            cpu: now.cpu.saturating_sub(then.cpu),
         }
     }
 
@@ -143,6 +148,7 @@ impl Recent {
         self.requests += other.requests;
         self.errors += other.errors;
         self.latency.add(&other.latency);
+        self.cpu += other.cpu;
     }
 }
 
@@ -312,12 +318,24 @@ impl Metrics {
 
     fn read_apps(&self) -> Vec<AppReading> {
         let table = self.apps.load();
+        let (cpu, retired_cpu) = self.pool.guest_cpu();
+        let cpu: HashMap<(String, String), Duration> = cpu
+            .into_iter()
+            .map(|(app, version, cpu)| ((app, version), cpu))
+            .collect();
         let mut apps: Vec<AppReading> = table
             .values()
             .flat_map(|versions| versions.values().map(|stats| stats.read()))
+            .map(|mut reading| {
+                let key = (reading.app.clone(), reading.version.clone());
+                reading.cpu = cpu.get(&key).copied().unwrap_or_default();
+                reading
+            })
             .collect();
         apps.sort_by(|a, b| (&a.app, &a.version).cmp(&(&b.app, &b.version)));
-        apps.push(self.retired.read());
+        let mut retired = self.retired.read();
+        retired.cpu = retired_cpu;
+        apps.push(retired);
         apps.push(self.unrouted.read());
         apps
     }

@@ -97,6 +97,20 @@ pub fn encode(snapshot: &Snapshot) -> String {
         out.sample("marina_worker_memory_bytes", &labels, tally.memory_bytes as f64);
     }
 
+    out.family(
+        "marina_worker_cpu_seconds_total",
+        "counter",
+        "CPU time the guests of each WebAssembly app version used (version=\"retired\": versions no longer deployed).",
+    );
+    for app in snapshot
+        .apps
+        .iter()
+        .filter(|app| !app.app.is_empty() || app.version == super::RETIRED)
+    {
+        let labels = [("app", app.app.as_str()), ("version", app.version.as_str())];
+        out.sample("marina_worker_cpu_seconds_total", &labels, app.cpu.as_secs_f64());
+    }
+
     let gauges = [
         (
             "marina_pool_size",

@@ -42,6 +42,8 @@ pub fn metrics(snapshot: &Snapshot) -> Value {
         "timeouts": counters.timeouts,
         "traps": counters.traps,
         "memoryUsageMB": round(memory as f64 / MIB, 3),
+        "guestCpuSeconds": round(snapshot.apps.iter().map(|app| app.cpu.as_secs_f64()).sum(), 6),
+        "guestCpuPercent": cpu_percent(&recent, snapshot),
         "pooling": snapshot.pooling,
         "sseClients": snapshot.sse_clients,
     })
@@ -75,6 +77,8 @@ pub fn stats(snapshot: &Snapshot) -> Value {
                 "requestsPerSecond": rate(&recent, snapshot),
                 "avgResponseTimeMs": recent.latency.mean().map_or(0.0, ms),
                 "latencyMs": percentiles(&recent.latency),
+                "cpuSeconds": round(reading.cpu.as_secs_f64(), 6),
+                "cpuPercent": cpu_percent(&recent, snapshot),
                 "workers": {
                     "busy": busy.workers,
                     "idle": idle.workers,
@@ -106,6 +110,12 @@ fn rate(recent: &Recent, snapshot: &Snapshot) -> f64 {
     // Right after start the window is only the uptime: one request in the first 50 ms is not 20 per second.
     let seconds = snapshot.window.max(SAMPLE_INTERVAL).as_secs_f64();
     round(recent.requests as f64 / seconds, 3)
+}
+
+/// Guest CPU over the window, in percent of one core.
+fn cpu_percent(recent: &Recent, snapshot: &Snapshot) -> f64 {
+    let seconds = snapshot.window.max(SAMPLE_INTERVAL).as_secs_f64();
+    round(recent.cpu.as_secs_f64() / seconds * 100.0, 2)
 }
 
 fn percentiles(latency: &Counts) -> Value {

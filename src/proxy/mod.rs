@@ -12,7 +12,7 @@ mod headers;
 // Public for the proxy benchmark's floor scenario (the pool behind a bare hyper server).
 pub mod http1;
 mod rules;
-mod stall;
+pub(crate) mod stall;
 mod tls;
 mod websocket;
 

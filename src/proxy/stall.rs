@@ -19,7 +19,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// `inner`, ended with an error when it has kept the reader waiting for `limit`.
 pub struct StallTimeout<B> {
     inner: B,
-    limit: Duration,
+    /// `None`: never cut.
+    limit: Option<Duration>,
     /// Made at the first wait; boxed because `Sleep` is not `Unpin`.
     timer: Option<Pin<Box<Sleep>>>,
     /// Whether `timer` is counting down the current wait (it is left as it was when a frame arrives).
@@ -28,6 +29,11 @@ pub struct StallTimeout<B> {
 
 impl<B> StallTimeout<B> {
     pub fn new(inner: B, limit: Duration) -> StallTimeout<B> {
+        StallTimeout::optional(inner, Some(limit))
+    }
+
+    /// `inner`, cut after `limit` if there is one.
+    pub fn optional(inner: B, limit: Option<Duration>) -> StallTimeout<B> {
         StallTimeout {
             inner,
             limit,
@@ -39,7 +45,7 @@ impl<B> StallTimeout<B> {
 
 /// The error a stalled body ends with.
 #[derive(Debug, thiserror::Error)]
-#[error("the upstream sent nothing for {0:?}; the response was cut off")]
+#[error("the response body sent nothing for {0:?}; it was cut off")]
 pub struct Stalled(Duration);
 
 impl<B> Body for StallTimeout<B>
@@ -56,8 +62,11 @@ where
             this.armed = false;
             return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
         }
+        let Some(limit) = this.limit else {
+            return Poll::Pending;
+        };
         if !this.armed {
-            let deadline = Instant::now() + this.limit;
+            let deadline = Instant::now() + limit;
             match &mut this.timer {
                 Some(timer) => timer.as_mut().reset(deadline),
                 None => this.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
@@ -66,7 +75,7 @@ where
         }
         let timer = this.timer.as_mut().expect("armed above");
         match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(Stalled(this.limit).into()))),
+            Poll::Ready(()) => Poll::Ready(Some(Err(Stalled(limit).into()))),
             Poll::Pending => Poll::Pending,
         }
     }

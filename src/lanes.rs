@@ -1,0 +1,338 @@
+//! Where guest code runs: on executor threads of its own, never on the threads that serve HTTP, and in two lanes
+//! so that a call that keeps computing cannot hold back the short ones.
+//!
+//! A guest that computes without calling the host gives way only at an epoch tick. On the threads that accept
+//! connections and parse requests, that made one looping app stall the whole host (the front, `/_/health`, other
+//! apps) for a tick at a time, on every thread. So the front only hands a call to [`Lanes`] and waits for its
+//! response head; the call, from taking a worker to its last byte, runs here:
+//!
+//! - the **fresh lane**: threads at normal priority, where every call starts;
+//! - the **demoted lane**: threads at a lower OS priority ([`DEMOTED_NICE`]). A call that has computed for
+//!   [`DEMOTE_AFTER`] without once waiting on I/O (its epoch yields say so) moves here at its next yield, and
+//!   every call of a version that uses more than [`HEAVY_RATIO`] times an even share of the guest CPU of the
+//!   last few [`SHARE_INTERVAL`]s starts here (a [`VersionMeter`] per version keeps the score). The kernel then
+//!   gives those threads CPU mostly when the fresh ones leave it: a runaway request, or an app whose every
+//!   request crashes and restarts its instance, costs the others about what a healthy one would, and still
+//!   progresses on an idle machine.
+//!
+//! The lanes are separate tokio runtimes, so the OS scheduler, not a queue of ours, arbitrates between them and
+//! the front. A wasmtime call is a `Send` future, so moving one between lanes is moving a future: it resumes on
+//! the other lane's thread at its next poll.
+//!
+//! Each poll of a guest's task is timed with the monotonic clock (tens of nanoseconds); the thread's own CPU
+//! clock, which costs a system call (about 1 us here), is read only every [`SETTLE_EVERY`] of polled time and
+//! when the thread parks. Each version is charged its share of the CPU the thread used, in proportion to its
+//! polled time (never more than that time), so `marina_worker_cpu_seconds_total` is CPU, not time spent waiting
+//! for a core.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::runtime::{Handle, Runtime};
+
+use crate::worker::CallClock;
+
+/// A call that computes this long without waiting on I/O is moved to the demoted lane.
+pub const DEMOTE_AFTER: Duration = Duration::from_millis(5);
+/// The nice value of the demoted lane's threads: the kernel gives a nice-10 thread about a tenth of the CPU a
+/// nice-0 thread gets when both want it, so a demoted call is slowed, not starved.
+pub const DEMOTED_NICE: i32 = 10;
+/// How much polled time a thread accumulates before it reads its CPU clock and charges the versions it ran.
+pub const SETTLE_EVERY: Duration = Duration::from_millis(2);
+
+/// How often each version's guest CPU is compared with the others'.
+pub const SHARE_INTERVAL: Duration = Duration::from_millis(100);
+/// A version using more than this many times an even share of the guest CPU (among versions that use any) is
+/// heavy: its new calls start in the demoted lane. Two apps under the same load never trip it.
+pub const HEAVY_RATIO: f64 = 1.5;
+/// Below this much CPU per [`SHARE_INTERVAL`], a version is not competing for the CPU and is left out.
+const ACTIVE_CPU: Duration = Duration::from_millis(2);
+
+/// The two guest executors, and the score of every version that runs on them.
+pub struct Lanes {
+    fresh: Option<Runtime>,
+    demoted: Option<Runtime>,
+    demoted_handle: Handle,
+    fresh_handle: Handle,
+    meters: Arc<std::sync::Mutex<Vec<std::sync::Weak<VersionMeter>>>>,
+}
+
+/// One app version's guest CPU: the total (for the metrics) and whether it is taking more than its share.
+#[derive(Debug, Default)]
+pub struct VersionMeter {
+    cpu_ns: AtomicU64,
+    /// Read by the share sampler: the total at its last look, and the smoothed use per interval.
+    sampled_ns: AtomicU64,
+    recent_ns: AtomicU64,
+    heavy: std::sync::atomic::AtomicBool,
+    demotions: AtomicU64,
+}
+
+impl VersionMeter {
+    /// Guest CPU used so far.
+    pub fn cpu(&self) -> Duration {
+        Duration::from_nanos(self.cpu_ns.load(Ordering::Relaxed))
+    }
+
+    /// Calls moved to the demoted lane (or started there) so far.
+    pub fn demotions(&self) -> u64 {
+        self.demotions.load(Ordering::Relaxed)
+    }
+
+    /// Whether this version's new calls start in the demoted lane.
+    pub fn is_heavy(&self) -> bool {
+        self.heavy.load(Ordering::Relaxed)
+    }
+
+    fn demoted(&self) {
+        self.demotions.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Lanes {
+    /// Starts `threads` threads per lane.
+    pub fn new(threads: usize) -> std::io::Result<Lanes> {
+        let fresh = runtime("marina-guest", threads, None)?;
+        let demoted = runtime("marina-guest-slow", threads, Some(DEMOTED_NICE))?;
+        let meters = Arc::default();
+        fresh.spawn(score(Arc::clone(&meters)));
+        Ok(Lanes {
+            fresh_handle: fresh.handle().clone(),
+            demoted_handle: demoted.handle().clone(),
+            fresh: Some(fresh),
+            demoted: Some(demoted),
+            meters,
+        })
+    }
+
+    /// A new version's meter, scored against the others from now on.
+    pub fn meter(&self) -> Arc<VersionMeter> {
+        let meter = Arc::new(VersionMeter::default());
+        let mut meters = self.meters.lock().unwrap_or_else(|p| p.into_inner());
+        meters.retain(|meter| meter.strong_count() > 0);
+        meters.push(Arc::downgrade(&meter));
+        meter
+    }
+
+    /// Runs `call` in the fresh lane (or, for a version over its share, the demoted one), timed and charged to
+    /// `meter`. `clock` is the call's: its epoch yields tell computing from waiting.
+    pub fn spawn(
+        &self,
+        meter: Arc<VersionMeter>,
+        clock: Arc<CallClock>,
+        call: impl Future<Output = ()> + Send + 'static,
+    ) {
+        let demoted = meter.is_heavy();
+        if demoted {
+            meter.demoted();
+        }
+        let task = Metered {
+            call: Box::pin(call),
+            meter,
+            clock,
+            yields_seen: 0,
+            burst: Duration::ZERO,
+            demoted,
+            demoted_lane: self.demoted_handle.clone(),
+        };
+        if demoted {
+            self.demoted_handle.spawn(task);
+        } else {
+            self.fresh_handle.spawn(task);
+        }
+    }
+}
+
+impl Drop for Lanes {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks until its threads stop, which an async context may not do; tasks still running
+        // (calls whose clients are gone) are dropped with their workers.
+        for runtime in [self.fresh.take(), self.demoted.take()].into_iter().flatten() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+fn runtime(name: &'static str, threads: usize, nice: Option<i32>) -> std::io::Result<Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .thread_name(name)
+        .enable_all()
+        .on_thread_start(move || {
+            if let Some(nice) = nice {
+                lower_priority(nice);
+            }
+            LEDGER.with(|ledger| ledger.borrow_mut().start());
+        })
+        .on_thread_park(|| LEDGER.with(|ledger| ledger.borrow_mut().settle()))
+        .build()
+}
+
+/// Every [`SHARE_INTERVAL`], marks the versions that use more than [`HEAVY_RATIO`] times an even share of the
+/// guest CPU as heavy, and the others as not.
+async fn score(meters: Arc<std::sync::Mutex<Vec<std::sync::Weak<VersionMeter>>>>) {
+    let mut ticks = tokio::time::interval(SHARE_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let active_ns = ACTIVE_CPU.as_nanos() as u64;
+    loop {
+        ticks.tick().await;
+        let live: Vec<Arc<VersionMeter>> = {
+            let meters = meters.lock().unwrap_or_else(|p| p.into_inner());
+            meters.iter().filter_map(std::sync::Weak::upgrade).collect()
+        };
+        let mut total = 0u64;
+        let mut active = 0u64;
+        for meter in &live {
+            let now = meter.cpu_ns.load(Ordering::Relaxed);
+            let used = now.saturating_sub(meter.sampled_ns.swap(now, Ordering::Relaxed));
+            // Smoothed over a few intervals, so one burst does not flip it, and a version that stops is let go.
+            let recent = (meter.recent_ns.load(Ordering::Relaxed) + used) / 2;
+            meter.recent_ns.store(recent, Ordering::Relaxed);
+            if recent >= active_ns {
+                total += recent;
+                active += 1;
+            }
+        }
+        for meter in &live {
+            let recent = meter.recent_ns.load(Ordering::Relaxed);
+            let heavy =
+                active >= 2 && recent >= active_ns && recent as f64 > HEAVY_RATIO * total as f64 / active as f64;
+            meter.heavy.store(heavy, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Lowers the calling thread's priority to `nice` (lowering needs no privilege). If the OS refuses, the lane
+/// still works, only without the priority difference: say so once per thread.
+fn lower_priority(nice: i32) {
+    use thread_priority::{ThreadPriority, ThreadPriorityValue};
+    // thread-priority maps 0..=99 onto nice 19..=-20; find the value that lands on `nice`.
+    let value = (0u8..=99).find(|&value| {
+        let ratio = 1f32 - f32::from(value) / 99f32;
+        (39f32 * ratio) as i32 - 20 == nice
+    });
+    let result = match value.map(ThreadPriorityValue::try_from) {
+        Some(Ok(value)) => thread_priority::set_current_thread_priority(ThreadPriority::Crossplatform(value))
+            .map_err(|e| format!("{e:?}")),
+        _ => Err(format!("no priority value maps to nice {nice}")),
+    };
+    if let Err(error) = result {
+        tracing::warn!(nice, "cannot lower a demoted guest thread's priority: {error}");
+    }
+}
+
+/// A guest task, timed at every poll, that moves itself to the demoted lane when it computes too long.
+struct Metered {
+    call: Pin<Box<dyn Future<Output = ()> + Send>>,
+    meter: Arc<VersionMeter>,
+    clock: Arc<CallClock>,
+    /// The clock's yield count after the last poll.
+    yields_seen: u64,
+    /// Polled time since the call last waited on something other than the CPU.
+    burst: Duration,
+    demoted: bool,
+    demoted_lane: Handle,
+}
+
+impl Future for Metered {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        let started = Instant::now();
+        let polled = this.call.as_mut().poll(cx);
+        let elapsed = started.elapsed();
+        LEDGER.with(|ledger| ledger.borrow_mut().charge(&this.meter, elapsed));
+        if polled.is_ready() {
+            return Poll::Ready(());
+        }
+        let yields = this.clock.yields();
+        if yields == this.yields_seen {
+            // Pending without an epoch yield: it waits for I/O, a timer or a worker, not for CPU.
+            this.burst = Duration::ZERO;
+        } else {
+            this.yields_seen = yields;
+            this.burst += elapsed;
+        }
+        if !this.demoted && (this.burst >= DEMOTE_AFTER || this.meter.is_heavy()) {
+            // Continue on the demoted lane: this task ends, a new one there polls the same call.
+            let moved = Metered {
+                call: std::mem::replace(&mut this.call, Box::pin(std::future::ready(()))),
+                meter: this.meter.clone(),
+                clock: this.clock.clone(),
+                yields_seen: this.yields_seen,
+                burst: this.burst,
+                demoted: true,
+                demoted_lane: this.demoted_lane.clone(),
+            };
+            this.meter.demoted();
+            this.demoted_lane.spawn(moved);
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+}
+
+thread_local! {
+    static LEDGER: RefCell<Ledger> = RefCell::new(Ledger::default());
+}
+
+/// One lane thread's polled time not yet turned into CPU time.
+#[derive(Default)]
+struct Ledger {
+    /// The thread's CPU clock at the last settlement.
+    cpu_at: Duration,
+    /// Polled time per counter since then (consecutive polls of one version merged).
+    pending: Vec<(Arc<VersionMeter>, u64)>,
+    polled: u64,
+}
+
+impl Ledger {
+    fn start(&mut self) {
+        self.cpu_at = thread_cpu();
+    }
+
+    fn charge(&mut self, counter: &Arc<VersionMeter>, elapsed: Duration) {
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        match self.pending.last_mut() {
+            Some((last, total)) if Arc::ptr_eq(last, counter) => *total += nanos,
+            _ => self.pending.push((counter.clone(), nanos)),
+        }
+        self.polled += nanos;
+        if self.polled >= SETTLE_EVERY.as_nanos() as u64 {
+            self.settle();
+        }
+    }
+
+    /// Charges each pending counter its share of the CPU the thread used, at most its polled time.
+    fn settle(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let now = thread_cpu();
+        let used = now.saturating_sub(self.cpu_at).as_nanos() as f64;
+        self.cpu_at = now;
+        let ratio = if self.polled == 0 {
+            0.0
+        } else {
+            (used / self.polled as f64).min(1.0)
+        };
+        for (counter, nanos) in self.pending.drain(..) {
+            counter
+                .cpu_ns
+                .fetch_add((nanos as f64 * ratio) as u64, Ordering::Relaxed);
+        }
+        self.polled = 0;
+    }
+}
+
+fn thread_cpu() -> Duration {
+    cpu_time::ThreadTime::try_now()
+        .map(|time| time.as_duration())
+        .unwrap_or_default()
+}
