@@ -258,21 +258,27 @@ async fn run(
     };
     let identity = &runtime.identity;
     let counters = &pool.counters;
-    match &outcome {
-        Outcome::Returned | Outcome::Abandoned => {}
+    let failure = match &outcome {
+        Outcome::Returned | Outcome::Abandoned => None,
         Outcome::TimedOut => {
-            tracing::warn!(app = %identity.app, version = %identity.version, "the request ran past its timeout; the worker is discarded");
             counters.timeouts.fetch_add(1, Ordering::Relaxed);
-            counters.failed.fetch_add(1, Ordering::Relaxed);
+            Some("the request ran past its timeout".to_owned())
         }
         Outcome::Trapped(message) => {
-            tracing::error!(app = %identity.app, version = %identity.version, "the worker trapped; it is discarded: {message}");
             counters.traps.fetch_add(1, Ordering::Relaxed);
-            counters.failed.fetch_add(1, Ordering::Relaxed);
+            Some(format!("the worker trapped: {message}"))
         }
-        Outcome::NoResponse => {
-            tracing::error!(app = %identity.app, version = %identity.version, "{NO_RESPONSE}; the worker is discarded");
-            counters.failed.fetch_add(1, Ordering::Relaxed);
+        Outcome::NoResponse => Some(NO_RESPONSE.to_owned()),
+    };
+    if let Some(failure) = failure {
+        counters.failed.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = runtime.failure_log.admit() {
+            tracing::error!(
+                app = %identity.app,
+                version = %identity.version,
+                suppressed,
+                "{failure}; the worker is discarded"
+            );
         }
     }
     // A call cut short leaves the instance wherever the guest was: only one that returned serves again.

@@ -27,7 +27,7 @@ use crate::engine::{Engine, Loaded};
 use crate::lanes::VersionMeter;
 use crate::metrics::workers::WorkerTable;
 use crate::registry::{Deployment, Snapshot};
-use crate::worker::{CallClock, Identity, Worker};
+use crate::worker::{CallClock, Identity, LogLimiter, Worker};
 
 /// Default `POOL_SIZE`: live instances across all apps.
 pub const DEFAULT_POOL_SIZE: usize = 32;
@@ -35,6 +35,9 @@ pub const DEFAULT_POOL_SIZE: usize = 32;
 pub const DEFAULT_QUEUE_LIMIT: usize = 1024;
 /// How often idle workers are checked against their `idleTimeout` and `ttl`.
 pub const REAP_INTERVAL: Duration = Duration::from_millis(250);
+/// A version that gave a worker back this recently still counts as competing for the pool, so a client sending
+/// one request after another keeps its share between them.
+pub const CONTENDING_FOR: Duration = Duration::from_millis(250);
 /// A `lowMemory` app's idle workers are dropped after at most this long, whatever its `idleTimeout`.
 pub const LOW_MEMORY_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -56,6 +59,8 @@ pub struct VersionRuntime {
     pub deployment: Deployment,
     /// The version's guest CPU and share of it; kept across runtimes of the same version.
     pub meter: Arc<VersionMeter>,
+    /// Keeps this version's failure lines to a few a second.
+    pub failure_log: LogLimiter,
     loaded: OnceCell<Result<Arc<Loaded>, String>>,
     retired: AtomicBool,
 }
@@ -232,6 +237,8 @@ struct State {
     /// Waiters across all runtimes.
     queued: usize,
     next_waiter: u64,
+    /// When each runtime last gave a worker back.
+    last_release: HashMap<u64, Instant>,
 }
 
 impl State {
@@ -244,8 +251,51 @@ impl State {
             *held -= 1;
             if *held == 0 {
                 self.held.remove(&runtime);
+                self.last_release.remove(&runtime);
             }
         }
+    }
+
+    fn held(&self, runtime: u64) -> usize {
+        self.held.get(&runtime).copied().unwrap_or(0)
+    }
+
+    /// Whether a runtime competes for the pool: it has a request in progress or waiting, or just had one.
+    fn contending(&self, runtime: u64, now: Instant) -> bool {
+        let idle = self.idle.get(&runtime).map_or(0, Vec::len);
+        self.held(runtime) > idle
+            || self.waiting.contains_key(&runtime)
+            || self
+                .last_release
+                .get(&runtime)
+                .is_some_and(|at| now.duration_since(*at) < CONTENDING_FOR)
+    }
+
+    /// The slots each competing runtime may count on: the cap split evenly among them (and `also`), rounded up.
+    fn fair_share(&self, cap: usize, also: Option<u64>, now: Instant) -> usize {
+        let mut competing = self
+            .held
+            .keys()
+            .chain(self.waiting.keys())
+            .filter(|runtime| Some(**runtime) != also && self.contending(**runtime, now))
+            .collect::<std::collections::HashSet<_>>()
+            .len();
+        if also.is_some() {
+            competing += 1;
+        }
+        cap.div_ceil(competing.max(1))
+    }
+
+    /// The least recently used idle worker that `runtime` may take the slot of: one of a runtime that is not
+    /// competing, or that holds more than its share while `runtime` holds less than its own.
+    fn evictable(&self, cap: usize, runtime: u64, now: Instant) -> Option<(u64, u64)> {
+        let share = self.fair_share(cap, Some(runtime), now);
+        let below_share = self.held(runtime) < share;
+        self.lru
+            .iter()
+            .rev()
+            .find(|(_, owner)| !self.contending(**owner, now) || (below_share && self.held(**owner) > share))
+            .map(|(worker, owner)| (*worker, *owner))
     }
 
     /// The runtime whose waiter is served next: the one holding the fewest slots, the oldest waiter first.
@@ -255,6 +305,17 @@ impl State {
             .filter_map(|(runtime, queue)| Some((*runtime, queue.front()?.id)))
             .min_by_key(|(runtime, first)| (self.held.get(runtime).copied().unwrap_or(0), *first))
             .map(|(runtime, _)| runtime)
+    }
+
+    /// Takes an idle worker out of the pool's lists.
+    fn take_idle(&mut self, worker_id: u64, runtime: u64) -> Idle {
+        self.lru.pop(&worker_id);
+        let list = self
+            .idle
+            .get_mut(&runtime)
+            .expect("an idle worker in the LRU is in its list");
+        let at = list.iter().position(|i| i.worker.id() == worker_id).expect("listed");
+        list.remove(at)
     }
 
     fn pop_waiter(&mut self, runtime: u64) -> Option<Waiter> {
@@ -383,6 +444,7 @@ impl Pool {
                     waiting: HashMap::new(),
                     queued: 0,
                     next_waiter: 0,
+                    last_release: HashMap::new(),
                 }),
             }),
             runtimes: Mutex::new(HashMap::new()),
@@ -440,6 +502,7 @@ impl Pool {
             },
             deployment: deployment.clone(),
             meter,
+            failure_log: LogLimiter::default(),
             loaded: OnceCell::new(),
             retired: AtomicBool::new(false),
         });
@@ -576,14 +639,9 @@ impl Pool {
                         owner: runtime.key,
                     })
                 }
-                None => match state.lru.pop_lru() {
+                None => match state.evictable(self.shared.cap, runtime.key, now) {
                     Some((worker_id, key)) => {
-                        let list = state
-                            .idle
-                            .get_mut(&key)
-                            .expect("an idle worker in the LRU is in its list");
-                        let at = list.iter().position(|i| i.worker.id() == worker_id).expect("listed");
-                        let mut idle = list.remove(at);
+                        let mut idle = state.take_idle(worker_id, key);
                         // The slot changes hands: it counts toward the new runtime's share from now on.
                         state.unhold(idle.slot.owner);
                         state.hold(runtime.key);
@@ -753,11 +811,14 @@ impl Pool {
             return;
         }
         let mut idle = Idle { worker, runtime, slot };
+        let key = idle.runtime.key;
         let mut state = self.shared.lock();
+        state.last_release.insert(key, now);
+        let mut other = false;
         while let Some(next) = state.next_in_line() {
-            if next != idle.runtime.key {
-                // The next in line is another version (one holding fewer slots): it gets this worker's slot, after
-                // the lock is released, so the drop below does the handing over.
+            if next != key {
+                // The next in line is another version (one holding fewer slots).
+                other = true;
                 break;
             }
             let waiter = state.pop_waiter(next).expect("a runtime in line has a waiter");
@@ -767,7 +828,9 @@ impl Pool {
                 Err(_) => unreachable!("a worker was sent"),
             }
         }
-        if state.queued > 0 {
+        // It gets this worker's slot only if this version holds more than its share (after the lock is released,
+        // so the drop below does the handing over); within its share, a version keeps its warm worker.
+        if other && state.held(key) > state.fair_share(self.shared.cap, None, now) {
             // A warm worker goes so that a request for another version gets its slot: that is an eviction.
             drop(state);
             self.counters.evictions.fetch_add(1, Ordering::Relaxed);
@@ -796,6 +859,15 @@ impl Pool {
             }
             for idle in &reaped {
                 state.lru.pop(&idle.worker.id());
+            }
+            // Waiters may now take the slots of idle workers whose versions stopped competing: at most one per
+            // waiter, each slot passed on when its worker is dropped below (unlocked).
+            for _ in 0..state.queued {
+                let Some(next) = state.next_in_line() else { break };
+                let Some((worker_id, key)) = state.evictable(self.shared.cap, next, now) else {
+                    break;
+                };
+                reaped.push(state.take_idle(worker_id, key));
             }
             state.idle.retain(|_, list| !list.is_empty());
             reaped

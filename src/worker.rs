@@ -28,7 +28,36 @@ pub const MAX_LOG_LINE_BYTES: usize = 4096;
 /// the log.
 pub const MAX_LOG_LINES_PER_REQUEST: u32 = 200;
 
+/// Failure lines (traps, timeouts, missing responses) logged per app version per second; the rest are counted and
+/// reported with the next line that gets through, so an app that crashes on every request cannot flood the log
+/// (and slow the host writing it).
+pub const MAX_FAILURE_LOGS_PER_SECOND: u32 = 10;
+
 static NEXT_WORKER_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Admits at most [`MAX_FAILURE_LOGS_PER_SECOND`] lines a second.
+#[derive(Debug, Default)]
+pub struct LogLimiter {
+    second: AtomicU64,
+    used: std::sync::atomic::AtomicU32,
+    suppressed: AtomicU64,
+}
+
+impl LogLimiter {
+    /// `Some(n)`: log this line, saying that `n` lines were dropped before it; `None`: drop it.
+    pub fn admit(&self) -> Option<u64> {
+        let second = CLOCK_BASE.elapsed().as_secs();
+        if self.second.swap(second, Ordering::Relaxed) != second {
+            self.used.store(0, Ordering::Relaxed);
+        }
+        if self.used.fetch_add(1, Ordering::Relaxed) < MAX_FAILURE_LOGS_PER_SECOND {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
 
 /// Who a worker is, for logs and stats.
 #[derive(Debug, Clone)]
