@@ -87,8 +87,10 @@ enum BodyEnd {
     Complete = 1,
     /// Dropped before its end: the client went away, or the response needs no body (HEAD, 204, 304).
     Dropped = 2,
-    /// Cut by the host: it stalled for the timeout, or the request body went over its limit.
+    /// Cut by the host because the request body went over its limit, or because the body failed.
     Cut = 3,
+    /// Cut by the host because it sent nothing for the timeout.
+    Stalled = 4,
 }
 
 impl Link {
@@ -107,6 +109,7 @@ impl Link {
             1 => Some(BodyEnd::Complete),
             2 => Some(BodyEnd::Dropped),
             3 => Some(BodyEnd::Cut),
+            4 => Some(BodyEnd::Stalled),
             _ => None,
         }
     }
@@ -306,6 +309,7 @@ async fn drive(
     runtime: &VersionRuntime,
 ) -> (Outcome, bool) {
     tokio::pin!(call);
+    let deadline_at = deadline;
     let deadline = sleep_until(deadline);
     tokio::pin!(deadline);
     // Until the head is out: the deadline holds, and a front that gave up stops the call.
@@ -349,6 +353,8 @@ async fn drive(
                 }
             };
         }
+        // The front gave up: at the deadline (its own timer may fire first), or because the client went away.
+        Before::Gone if deadline_at.is_some_and(|at| Instant::now() >= at) => return (Outcome::TimedOut, false),
         Before::Gone => return (Outcome::Abandoned, false),
         Before::Deadline => {
             let _ = head.send(Err(timed_out(runtime)));
@@ -380,8 +386,10 @@ async fn drive(
         returned = &mut call => return (ended(returned, clock), true),
         () = &mut body_end => {}
     }
-    if link.body_end() == Some(BodyEnd::Cut) {
-        return (Outcome::Abandoned, true);
+    match link.body_end() {
+        Some(BodyEnd::Stalled) => return (Outcome::TimedOut, true),
+        Some(BodyEnd::Cut) => return (Outcome::Abandoned, true),
+        _ => {}
     }
     let grace = runtime.timeout().map(|timeout| Instant::now() + timeout);
     clock.set_deadline(grace);
@@ -552,7 +560,9 @@ impl http_body::Body for GuestBody {
                     this.link.end_body(BodyEnd::Complete);
                 }
                 Poll::Ready(Some(Err(error))) => {
-                    this.link.end_body(BodyEnd::Cut);
+                    let stalled = error.is::<crate::proxy::stall::Stalled>();
+                    this.link
+                        .end_body(if stalled { BodyEnd::Stalled } else { BodyEnd::Cut });
                     return Poll::Ready(Some(Err(error)));
                 }
                 other => return other,
@@ -584,7 +594,7 @@ impl GuestBody {
     async fn gather(&mut self) {
         let gathering = async {
             let mut bytes = 0;
-            while bytes < GATHER_BYTES {
+            while bytes < GATHER_BYTES && !(self.ended && self.released.is_none()) {
                 tokio::select! {
                     biased;
                     frame = http_body_util::BodyExt::frame(&mut self.rest), if !self.ended => match frame {
@@ -601,8 +611,7 @@ impl GuestBody {
                             self.link.end_body(BodyEnd::Complete);
                         }
                     },
-                    released = async { self.released.as_mut().expect("not yet released").await } => {
-                        let _ = released;
+                    _ = async { self.released.as_mut().expect("guarded").await }, if self.released.is_some() => {
                         self.released = None;
                         if self.ended {
                             return;

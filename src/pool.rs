@@ -6,12 +6,15 @@
 //! worker of its version takes a free slot, else evicts the least recently used idle worker of any app, else waits
 //! in a bounded queue until its deadline; a full queue is refused at once.
 //!
-//! Under contention each version gets a fair share of the pool, and an app alone can still use all of it: a slot
-//! that frees up (or a worker given back while others wait) goes to the waiting version that holds the fewest
-//! slots, oldest waiter first among equals. A version holding more than its share therefore keeps no slot it
-//! gives back while a version with fewer waits, and the split converges to even; no config is needed. A full
-//! queue makes room for a version with fewer waiters by refusing the newest waiter of the version with the most,
-//! so one app's flood cannot lock the others out of the queue either.
+//! Under contention each version gets a fair share of the pool, and an app alone can still use all of it. The
+//! versions competing are those with a request in progress or waiting, or that gave a worker back in the last
+//! [`CONTENDING_FOR`]; a version whose calls keep failing (trap, timeout, no response: a smoothed failure rate
+//! over one half) gets one slot, and the others split the rest evenly. A slot that frees up goes to the waiting
+//! version furthest below its share (the oldest waiter among equals); a version within its share keeps the
+//! workers it gives back (for its own waiters, or idle, safe from eviction by others), one over its share hands
+//! them to whoever is further below. No config is needed. A full queue makes room for a version with fewer
+//! waiters by refusing the newest waiter of the version with the most, so one app's flood cannot lock the others
+//! out of the queue either.
 //!
 //! Workers are dropped outside the pool's lock: dropping one frees its slot, which takes the lock.
 
@@ -38,6 +41,8 @@ pub const REAP_INTERVAL: Duration = Duration::from_millis(250);
 /// A version that gave a worker back this recently still counts as competing for the pool, so a client sending
 /// one request after another keeps its share between them.
 pub const CONTENDING_FOR: Duration = Duration::from_millis(250);
+/// How much each call's outcome moves its version's failure score (see the fair share in this module's header).
+const FAILURE_WEIGHT: f32 = 0.2;
 /// A `lowMemory` app's idle workers are dropped after at most this long, whatever its `idleTimeout`.
 pub const LOW_MEMORY_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -239,6 +244,8 @@ struct State {
     next_waiter: u64,
     /// When each runtime last gave a worker back.
     last_release: HashMap<u64, Instant>,
+    /// How often each runtime's calls failed lately (trap, timeout, no response), smoothed: 0 never, 1 always.
+    failure_score: HashMap<u64, f32>,
 }
 
 impl State {
@@ -271,39 +278,60 @@ impl State {
                 .is_some_and(|at| now.duration_since(*at) < CONTENDING_FOR)
     }
 
-    /// The slots each competing runtime may count on: the cap split evenly among them (and `also`), rounded up.
-    fn fair_share(&self, cap: usize, also: Option<u64>, now: Instant) -> usize {
-        let mut competing = self
+    fn record(&mut self, runtime: u64, failed: bool) {
+        let score = self.failure_score.entry(runtime).or_default();
+        *score = *score * (1.0 - FAILURE_WEIGHT) + if failed { FAILURE_WEIGHT } else { 0.0 };
+    }
+
+    fn failing(&self, runtime: u64) -> bool {
+        self.failure_score.get(&runtime).is_some_and(|score| *score > 0.5)
+    }
+
+    /// The slots `runtime` may count on while others compete (itself counted as competing): a version whose calls
+    /// keep failing gets one, the others split the rest evenly (rounded up); alone, any version gets them all.
+    fn share_of(&self, cap: usize, runtime: u64, now: Instant) -> usize {
+        let competing: std::collections::HashSet<u64> = self
             .held
             .keys()
             .chain(self.waiting.keys())
-            .filter(|runtime| Some(**runtime) != also && self.contending(**runtime, now))
-            .collect::<std::collections::HashSet<_>>()
-            .len();
-        if also.is_some() {
-            competing += 1;
+            .copied()
+            .filter(|other| self.contending(*other, now))
+            .chain(std::iter::once(runtime))
+            .collect();
+        let failing = competing.iter().filter(|other| self.failing(**other)).count();
+        let healthy = competing.len() - failing;
+        match (self.failing(runtime), healthy) {
+            (true, 0) => cap.div_ceil(failing),
+            (true, _) => 1,
+            (false, _) => cap.saturating_sub(failing).max(1).div_ceil(healthy),
         }
-        cap.div_ceil(competing.max(1))
     }
 
     /// The least recently used idle worker that `runtime` may take the slot of: one of a runtime that is not
     /// competing, or that holds more than its share while `runtime` holds less than its own.
     fn evictable(&self, cap: usize, runtime: u64, now: Instant) -> Option<(u64, u64)> {
-        let share = self.fair_share(cap, Some(runtime), now);
-        let below_share = self.held(runtime) < share;
+        let below_share = self.held(runtime) < self.share_of(cap, runtime, now);
         self.lru
             .iter()
             .rev()
-            .find(|(_, owner)| !self.contending(**owner, now) || (below_share && self.held(**owner) > share))
+            .find(|(_, owner)| {
+                !self.contending(**owner, now) || (below_share && self.held(**owner) > self.share_of(cap, **owner, now))
+            })
             .map(|(worker, owner)| (*worker, *owner))
     }
 
-    /// The runtime whose waiter is served next: the one holding the fewest slots, the oldest waiter first.
-    fn next_in_line(&self) -> Option<u64> {
+    /// The runtime whose waiter is served next: the one furthest below its share, the oldest waiter first.
+    fn next_in_line(&self, cap: usize, now: Instant) -> Option<u64> {
+        if self.waiting.len() == 1 {
+            return self.waiting.keys().next().copied();
+        }
         self.waiting
             .iter()
             .filter_map(|(runtime, queue)| Some((*runtime, queue.front()?.id)))
-            .min_by_key(|(runtime, first)| (self.held.get(runtime).copied().unwrap_or(0), *first))
+            .min_by_key(|(runtime, first)| {
+                let over = self.held(*runtime) as i64 - self.share_of(cap, *runtime, now) as i64;
+                (over, *first)
+            })
             .map(|(runtime, _)| runtime)
     }
 
@@ -408,7 +436,8 @@ impl Shared {
     fn free_slot(&self, this: &Arc<Shared>, owner: u64) {
         let mut state = self.lock();
         state.unhold(owner);
-        while let Some(runtime) = state.next_in_line() {
+        let now = Instant::now();
+        while let Some(runtime) = state.next_in_line(self.cap, now) {
             let waiter = state.pop_waiter(runtime).expect("a runtime in line has a waiter");
             let grant = Grant::Slot(Slot {
                 shared: Some(this.clone()),
@@ -445,6 +474,7 @@ impl Pool {
                     queued: 0,
                     next_waiter: 0,
                     last_release: HashMap::new(),
+                    failure_score: HashMap::new(),
                 }),
             }),
             runtimes: Mutex::new(HashMap::new()),
@@ -591,6 +621,7 @@ impl Pool {
             for idle in &dropped {
                 state.lru.pop(&idle.worker.id());
             }
+            state.failure_score.remove(&runtime.key);
             dropped
         };
         drop(dropped);
@@ -805,37 +836,43 @@ impl Pool {
         worker
             .status
             .finished(worker.status.requests() + u64::from(served), now);
-        if !(healthy && runtime.may_reuse(&worker, now)) {
+        let key = runtime.key;
+        let reuse = healthy && runtime.may_reuse(&worker, now);
+        let mut state = self.shared.lock();
+        if served {
+            state.record(key, !healthy);
+        }
+        if !reuse {
+            drop(state);
             drop(worker);
             drop(slot);
             return;
         }
         let mut idle = Idle { worker, runtime, slot };
-        let key = idle.runtime.key;
-        let mut state = self.shared.lock();
         state.last_release.insert(key, now);
-        let mut other = false;
-        while let Some(next) = state.next_in_line() {
-            if next != key {
-                // The next in line is another version (one holding fewer slots).
-                other = true;
-                break;
-            }
-            let waiter = state.pop_waiter(next).expect("a runtime in line has a waiter");
+        let cap = self.shared.cap;
+        loop {
+            let own = match state.next_in_line(cap, now) {
+                Some(next) if next == key => next,
+                // Another version is further below its share: it gets this worker's slot if this version holds
+                // more than its own (after the lock is released, so the drop below does the handing over).
+                Some(_) if state.held(key) > state.share_of(cap, key, now) => {
+                    // A warm worker goes so that a request for another version gets its slot: an eviction.
+                    drop(state);
+                    self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+                    drop(idle);
+                    return;
+                }
+                // Within its share, a version keeps its warm worker: for its own next waiter, or idle.
+                _ if state.waiting.contains_key(&key) => key,
+                _ => break,
+            };
+            let waiter = state.pop_waiter(own).expect("a runtime in line has a waiter");
             match waiter.grant.send(Grant::Worker(idle)) {
                 Ok(()) => return,
                 Err(Grant::Worker(back)) => idle = back,
                 Err(_) => unreachable!("a worker was sent"),
             }
-        }
-        // It gets this worker's slot only if this version holds more than its share (after the lock is released,
-        // so the drop below does the handing over); within its share, a version keeps its warm worker.
-        if other && state.held(key) > state.fair_share(self.shared.cap, None, now) {
-            // A warm worker goes so that a request for another version gets its slot: that is an eviction.
-            drop(state);
-            self.counters.evictions.fetch_add(1, Ordering::Relaxed);
-            drop(idle);
-            return;
         }
         state.lru.put(idle.worker.id(), idle.runtime.key);
         state.idle.entry(idle.runtime.key).or_default().push(idle);
@@ -863,7 +900,9 @@ impl Pool {
             // Waiters may now take the slots of idle workers whose versions stopped competing: at most one per
             // waiter, each slot passed on when its worker is dropped below (unlocked).
             for _ in 0..state.queued {
-                let Some(next) = state.next_in_line() else { break };
+                let Some(next) = state.next_in_line(self.shared.cap, now) else {
+                    break;
+                };
                 let Some((worker_id, key)) = state.evictable(self.shared.cap, next, now) else {
                     break;
                 };
