@@ -7,8 +7,8 @@
 //! in a bounded queue until its deadline; a full queue is refused at once.
 //!
 //! Under contention each version gets a fair share of the pool, and an app alone can still use all of it. The
-//! versions competing are those with a request in progress or waiting, or that gave a worker back in the last
-//! [`CONTENDING_FOR`]; a version whose calls keep failing (trap, timeout, no response: a smoothed failure rate
+//! versions competing are those with a request in progress or waiting (an idle version's workers are anyone's to
+//! evict, as before); a version whose calls keep failing (trap, timeout, no response: a smoothed failure rate
 //! over one half) gets one slot, and the others split the rest evenly. A slot that frees up goes to the waiting
 //! version furthest below its share (the oldest waiter among equals); a version within its share keeps the
 //! workers it gives back (for its own waiters, or idle, safe from eviction by others), one over its share hands
@@ -38,9 +38,6 @@ pub const DEFAULT_POOL_SIZE: usize = 32;
 pub const DEFAULT_QUEUE_LIMIT: usize = 1024;
 /// How often idle workers are checked against their `idleTimeout` and `ttl`.
 pub const REAP_INTERVAL: Duration = Duration::from_millis(250);
-/// A version that gave a worker back this recently still counts as competing for the pool, so a client sending
-/// one request after another keeps its share between them.
-pub const CONTENDING_FOR: Duration = Duration::from_millis(250);
 /// How much each call's outcome moves its version's failure score (see the fair share in this module's header).
 const FAILURE_WEIGHT: f32 = 0.2;
 /// A `lowMemory` app's idle workers are dropped after at most this long, whatever its `idleTimeout`.
@@ -242,8 +239,6 @@ struct State {
     /// Waiters across all runtimes.
     queued: usize,
     next_waiter: u64,
-    /// When each runtime last gave a worker back.
-    last_release: HashMap<u64, Instant>,
     /// How often each runtime's calls failed lately (trap, timeout, no response), smoothed: 0 never, 1 always.
     failure_score: HashMap<u64, f32>,
 }
@@ -258,7 +253,6 @@ impl State {
             *held -= 1;
             if *held == 0 {
                 self.held.remove(&runtime);
-                self.last_release.remove(&runtime);
             }
         }
     }
@@ -267,15 +261,10 @@ impl State {
         self.held.get(&runtime).copied().unwrap_or(0)
     }
 
-    /// Whether a runtime competes for the pool: it has a request in progress or waiting, or just had one.
-    fn contending(&self, runtime: u64, now: Instant) -> bool {
+    /// Whether a runtime competes for the pool: it has a request in progress or waiting.
+    fn contending(&self, runtime: u64) -> bool {
         let idle = self.idle.get(&runtime).map_or(0, Vec::len);
-        self.held(runtime) > idle
-            || self.waiting.contains_key(&runtime)
-            || self
-                .last_release
-                .get(&runtime)
-                .is_some_and(|at| now.duration_since(*at) < CONTENDING_FOR)
+        self.held(runtime) > idle || self.waiting.contains_key(&runtime)
     }
 
     fn record(&mut self, runtime: u64, failed: bool) {
@@ -289,13 +278,13 @@ impl State {
 
     /// The slots `runtime` may count on while others compete (itself counted as competing): a version whose calls
     /// keep failing gets one, the others split the rest evenly (rounded up); alone, any version gets them all.
-    fn share_of(&self, cap: usize, runtime: u64, now: Instant) -> usize {
+    fn share_of(&self, cap: usize, runtime: u64) -> usize {
         let competing: std::collections::HashSet<u64> = self
             .held
             .keys()
             .chain(self.waiting.keys())
             .copied()
-            .filter(|other| self.contending(*other, now))
+            .filter(|other| self.contending(*other))
             .chain(std::iter::once(runtime))
             .collect();
         let failing = competing.iter().filter(|other| self.failing(**other)).count();
@@ -309,19 +298,19 @@ impl State {
 
     /// The least recently used idle worker that `runtime` may take the slot of: one of a runtime that is not
     /// competing, or that holds more than its share while `runtime` holds less than its own.
-    fn evictable(&self, cap: usize, runtime: u64, now: Instant) -> Option<(u64, u64)> {
-        let below_share = self.held(runtime) < self.share_of(cap, runtime, now);
+    fn evictable(&self, cap: usize, runtime: u64) -> Option<(u64, u64)> {
+        let below_share = self.held(runtime) < self.share_of(cap, runtime);
         self.lru
             .iter()
             .rev()
             .find(|(_, owner)| {
-                !self.contending(**owner, now) || (below_share && self.held(**owner) > self.share_of(cap, **owner, now))
+                !self.contending(**owner) || (below_share && self.held(**owner) > self.share_of(cap, **owner))
             })
             .map(|(worker, owner)| (*worker, *owner))
     }
 
     /// The runtime whose waiter is served next: the one furthest below its share, the oldest waiter first.
-    fn next_in_line(&self, cap: usize, now: Instant) -> Option<u64> {
+    fn next_in_line(&self, cap: usize) -> Option<u64> {
         if self.waiting.len() == 1 {
             return self.waiting.keys().next().copied();
         }
@@ -329,7 +318,7 @@ impl State {
             .iter()
             .filter_map(|(runtime, queue)| Some((*runtime, queue.front()?.id)))
             .min_by_key(|(runtime, first)| {
-                let over = self.held(*runtime) as i64 - self.share_of(cap, *runtime, now) as i64;
+                let over = self.held(*runtime) as i64 - self.share_of(cap, *runtime) as i64;
                 (over, *first)
             })
             .map(|(runtime, _)| runtime)
@@ -436,8 +425,7 @@ impl Shared {
     fn free_slot(&self, this: &Arc<Shared>, owner: u64) {
         let mut state = self.lock();
         state.unhold(owner);
-        let now = Instant::now();
-        while let Some(runtime) = state.next_in_line(self.cap, now) {
+        while let Some(runtime) = state.next_in_line(self.cap) {
             let waiter = state.pop_waiter(runtime).expect("a runtime in line has a waiter");
             let grant = Grant::Slot(Slot {
                 shared: Some(this.clone()),
@@ -473,7 +461,6 @@ impl Pool {
                     waiting: HashMap::new(),
                     queued: 0,
                     next_waiter: 0,
-                    last_release: HashMap::new(),
                     failure_score: HashMap::new(),
                 }),
             }),
@@ -670,7 +657,7 @@ impl Pool {
                         owner: runtime.key,
                     })
                 }
-                None => match state.evictable(self.shared.cap, runtime.key, now) {
+                None => match state.evictable(self.shared.cap, runtime.key) {
                     Some((worker_id, key)) => {
                         let mut idle = state.take_idle(worker_id, key);
                         // The slot changes hands: it counts toward the new runtime's share from now on.
@@ -849,14 +836,17 @@ impl Pool {
             return;
         }
         let mut idle = Idle { worker, runtime, slot };
-        state.last_release.insert(key, now);
         let cap = self.shared.cap;
         loop {
-            let own = match state.next_in_line(cap, now) {
+            let own = match state.next_in_line(cap) {
                 Some(next) if next == key => next,
                 // Another version is further below its share: it gets this worker's slot if this version holds
-                // more than its own (after the lock is released, so the drop below does the handing over).
-                Some(_) if state.held(key) > state.share_of(cap, key, now) => {
+                // more than its own, or has nothing else in progress (after the lock is released, so the drop
+                // below does the handing over).
+                Some(_)
+                    if state.held(key) > state.share_of(cap, key)
+                        || state.held(key) <= 1 + state.idle.get(&key).map_or(0, Vec::len) =>
+                {
                     // A warm worker goes so that a request for another version gets its slot: an eviction.
                     drop(state);
                     self.counters.evictions.fetch_add(1, Ordering::Relaxed);
@@ -900,13 +890,14 @@ impl Pool {
             // Waiters may now take the slots of idle workers whose versions stopped competing: at most one per
             // waiter, each slot passed on when its worker is dropped below (unlocked).
             for _ in 0..state.queued {
-                let Some(next) = state.next_in_line(self.shared.cap, now) else {
+                let Some(next) = state.next_in_line(self.shared.cap) else {
                     break;
                 };
-                let Some((worker_id, key)) = state.evictable(self.shared.cap, next, now) else {
+                let Some((worker_id, key)) = state.evictable(self.shared.cap, next) else {
                     break;
                 };
                 reaped.push(state.take_idle(worker_id, key));
+                self.counters.evictions.fetch_add(1, Ordering::Relaxed);
             }
             state.idle.retain(|_, list| !list.is_empty());
             reaped
