@@ -63,12 +63,9 @@ enum Outcome {
     Abandoned,
 }
 
-/// What the front and the call share besides the head: whether the call has a worker yet, the request body's
-/// limit, and the response body's end.
+/// What the front and the call share besides the head: the request body's limit, and the response body's end.
 #[derive(Default)]
 struct Link {
-    /// Set once the call holds a worker: before that, a deadline is the queue's (503), after it the app's (504).
-    started: AtomicBool,
     /// Set when the request body went over `maxBodySize`.
     over_limit: AtomicBool,
     /// Wakes the front when the request body goes over its limit before the head arrived.
@@ -156,14 +153,15 @@ pub async fn invoke(
         link.clone(),
         (head_sender, released_sender),
     );
-    pool.engine().lanes().spawn(runtime.meter.clone(), clock, call);
+    pool.engine().lanes().spawn(runtime.meter.clone(), clock.clone(), call);
 
     // Dropped unsent (a timeout here, or the client gone), `head` tells the call to stop.
     let over_limit = link.front.notified();
     let waited = tokio::select! {
         head = head => head,
         () = sleep_until(deadline) => {
-            if !link.started.load(Ordering::Acquire) {
+            // Still in the pool's queue: the pool was busy the whole time (503), the app never got the request.
+            if clock.is_queued() {
                 pool.counters.queue_timeouts.fetch_add(1, Ordering::Relaxed);
                 return Err(Error::PoolBusy(AcquireError::QueueTimeout.to_string()));
             }
@@ -238,7 +236,6 @@ async fn run(
             return;
         }
     };
-    link.started.store(true, Ordering::Release);
     lease.worker.begin(clock.clone());
     let (outparam, mut response) = oneshot::channel::<GuestResponse>();
     let outcome = {

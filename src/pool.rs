@@ -740,10 +740,12 @@ impl Pool {
             id,
             receiver,
         };
+        clock.set_queued(true);
         let granted = match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline.into(), &mut leave.receiver).await.ok(),
             None => Some((&mut leave.receiver).await),
         };
+        clock.set_queued(false);
         let grant = match granted {
             Some(Ok(grant)) => grant,
             _ => {

@@ -87,6 +87,8 @@ pub struct CallClock {
     deadline: AtomicU64,
     timed_out: AtomicBool,
     yields: AtomicU64,
+    /// Whether the call is waiting in the pool's queue for a worker (a deadline then is the queue's, not the app's).
+    queued: AtomicBool,
 }
 
 static CLOCK_BASE: LazyLock<Instant> = LazyLock::new(Instant::now);
@@ -119,6 +121,14 @@ impl CallClock {
     /// Whether the guest was interrupted because its deadline passed.
     pub fn timed_out(&self) -> bool {
         self.timed_out.load(Ordering::Relaxed)
+    }
+
+    pub fn set_queued(&self, queued: bool) {
+        self.queued.store(queued, Ordering::Relaxed);
+    }
+
+    pub fn is_queued(&self) -> bool {
+        self.queued.load(Ordering::Relaxed)
     }
 
     /// Epoch yields so far.

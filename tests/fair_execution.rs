@@ -23,6 +23,8 @@ async fn start(apps: &AppsDir, pool_size: usize, queue_limit: usize) -> TestServ
     options.pool_size = pool_size;
     options.queue_limit = queue_limit;
     options.drain_timeout = Duration::from_secs(2);
+    // Compiled before ready: the short timeouts below are for the guests' run time, not a first compile.
+    options.precompile = true;
     TestServer::start_with(options).await
 }
 

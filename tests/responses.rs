@@ -8,7 +8,17 @@ use std::time::{Duration, Instant};
 
 use common::{client, AppsDir, TestServer};
 use futures_util::StreamExt;
+use marina::server::ServeOptions;
 use serde_json::{json, Value};
+
+/// The server with every component compiled before it is ready: these tests use short timeouts, which a first
+/// compile on a loaded machine could outlast.
+async fn start(apps: &AppsDir) -> TestServer {
+    let mut options = ServeOptions::new(apps.path());
+    options.precompile = true;
+    options.drain_timeout = Duration::from_secs(5);
+    TestServer::start_with(options).await
+}
 
 async fn get(server: &TestServer, path: &str) -> (u16, Value) {
     let response = client().get(server.url(path)).send().await.unwrap();
@@ -23,7 +33,7 @@ async fn a_handler_that_returns_without_responding_gets_500_at_once_and_the_next
     let apps = AppsDir::new();
     apps.component("fresh", "1.0.0", "raw_wasip2", json!({"ttl": 0, "timeout": 2}));
     apps.component("warm", "1.0.0", "raw_wasip2", json!({"ttl": 30, "timeout": 2}));
-    let server = TestServer::start(&apps.path()).await;
+    let server = start(&apps).await;
     for app in ["fresh", "warm"] {
         for way in ["drop", "leak"] {
             let failed = |m: &Value| m["totalWorkersFailed"].as_u64().unwrap();
@@ -77,7 +87,7 @@ async fn a_handler_that_returns_without_responding_gets_500_at_once_and_the_next
 async fn the_timeout_covers_the_wait_for_the_head_and_a_body_that_stalls_is_cut_and_its_worker_discarded() {
     let apps = AppsDir::new();
     apps.component("lab", "1.0.0", "lab", json!({"ttl": 60, "timeout": 1}));
-    let server = TestServer::start(&apps.path()).await;
+    let server = start(&apps).await;
 
     // No head within the timeout: 504, counted from the request's arrival.
     let asked = Instant::now();
@@ -116,7 +126,7 @@ async fn the_timeout_covers_the_wait_for_the_head_and_a_body_that_stalls_is_cut_
 async fn a_steady_stream_that_outlasts_the_timeout_is_not_cut() {
     let apps = AppsDir::new();
     apps.component("lab", "1.0.0", "lab", json!({"ttl": 60, "timeout": 1}));
-    let server = TestServer::start(&apps.path()).await;
+    let server = start(&apps).await;
     let started = Instant::now();
     let (status, body) = get(&server, "/lab/drip?n=8&ms=300").await;
     assert_eq!(status, 200);
@@ -147,7 +157,7 @@ const LIMIT: usize = 1024 * 1024;
 async fn a_chunked_upload_over_the_limit_is_413_when_the_app_has_not_started_its_response() {
     let apps = AppsDir::new();
     apps.component("lab", "1.0.0", "lab", json!({"ttl": 60, "maxBodySize": LIMIT}));
-    let server = TestServer::start(&apps.path()).await;
+    let server = start(&apps).await;
     for (name, http) in [("HTTP/1.1", client()), ("HTTP/2", h2_client())] {
         let response = http
             .post(server.url("/lab/consume"))
@@ -175,7 +185,7 @@ async fn a_chunked_upload_over_the_limit_is_413_when_the_app_has_not_started_its
 async fn a_chunked_upload_over_the_limit_aborts_a_response_already_started_never_a_clean_200() {
     let apps = AppsDir::new();
     apps.component("echo", "1.0.0", "echo", json!({"ttl": 60, "maxBodySize": LIMIT}));
-    let server = TestServer::start(&apps.path()).await;
+    let server = start(&apps).await;
     for (name, http) in [("HTTP/1.1", client()), ("HTTP/2", h2_client())] {
         let result = async {
             let response = http.post(server.url("/echo/")).body(chunked(LIMIT + 1)).send().await?;
