@@ -188,6 +188,7 @@ pub async fn invoke(
     };
     body.gather().await;
     if body.link.over_limit.load(Ordering::Acquire) {
+        body.link.end_body(BodyEnd::Cut);
         return Err(Error::BodyTooLarge { limit });
     }
     Ok(Response::from_parts(parts, Body::new(body)))
@@ -282,7 +283,8 @@ async fn run(
         }
     }
     // A call cut short leaves the instance wherever the guest was: only one that returned serves again.
-    pool.release(lease, matches!(outcome, Outcome::Returned));
+    let failed = !matches!(outcome, Outcome::Returned | Outcome::Abandoned);
+    pool.release(lease, matches!(outcome, Outcome::Returned), failed);
     // Only now does the response end, so a client's next request finds this worker back in the pool.
     let _ = released.send(());
 }

@@ -7,8 +7,10 @@
 //! in a bounded queue until its deadline; a full queue is refused at once.
 //!
 //! Under contention each version gets a fair share of the pool, and an app alone can still use all of it. The
-//! versions competing are those with a request in progress or waiting (an idle version's workers are anyone's to
-//! evict, as before); a version whose calls keep failing (trap, timeout, no response: a smoothed failure rate
+//! versions competing are those with a request in progress or waiting, or that gave a worker back in the last
+//! [`CONTENDING_FOR`] (so a client sending one request after another keeps its share between them; that grace
+//! holds only against versions whose calls keep failing, so a healthy app never waits on another's idle worker);
+//! a version whose calls keep failing (trap, timeout, no response: a smoothed failure rate
 //! over one half) gets one slot, and the others split the rest evenly. A slot that frees up goes to the waiting
 //! version furthest below its share (the oldest waiter among equals); a version within its share keeps the
 //! workers it gives back (for its own waiters, or idle, safe from eviction by others), one over its share hands
@@ -38,6 +40,8 @@ pub const DEFAULT_POOL_SIZE: usize = 32;
 pub const DEFAULT_QUEUE_LIMIT: usize = 1024;
 /// How often idle workers are checked against their `idleTimeout` and `ttl`.
 pub const REAP_INTERVAL: Duration = Duration::from_millis(250);
+/// A version that gave a worker back this recently still counts as competing for the pool.
+pub const CONTENDING_FOR: Duration = Duration::from_millis(250);
 /// How much each call's outcome moves its version's failure score (see the fair share in this module's header).
 const FAILURE_WEIGHT: f32 = 0.2;
 /// A `lowMemory` app's idle workers are dropped after at most this long, whatever its `idleTimeout`.
@@ -239,6 +243,8 @@ struct State {
     /// Waiters across all runtimes.
     queued: usize,
     next_waiter: u64,
+    /// When each runtime last gave a worker back.
+    last_release: HashMap<u64, Instant>,
     /// How often each runtime's calls failed lately (trap, timeout, no response), smoothed: 0 never, 1 always.
     failure_score: HashMap<u64, f32>,
 }
@@ -253,6 +259,7 @@ impl State {
             *held -= 1;
             if *held == 0 {
                 self.held.remove(&runtime);
+                self.last_release.remove(&runtime);
             }
         }
     }
@@ -262,9 +269,18 @@ impl State {
     }
 
     /// Whether a runtime competes for the pool: it has a request in progress or waiting.
-    fn contending(&self, runtime: u64) -> bool {
+    fn in_progress(&self, runtime: u64) -> bool {
         let idle = self.idle.get(&runtime).map_or(0, Vec::len);
         self.held(runtime) > idle || self.waiting.contains_key(&runtime)
+    }
+
+    /// Whether a runtime competes for the pool: a request in progress or waiting, or one just finished.
+    fn contending(&self, runtime: u64, now: Instant) -> bool {
+        self.in_progress(runtime)
+            || self
+                .last_release
+                .get(&runtime)
+                .is_some_and(|at| now.duration_since(*at) < CONTENDING_FOR)
     }
 
     fn record(&mut self, runtime: u64, failed: bool) {
@@ -278,13 +294,13 @@ impl State {
 
     /// The slots `runtime` may count on while others compete (itself counted as competing): a version whose calls
     /// keep failing gets one, the others split the rest evenly (rounded up); alone, any version gets them all.
-    fn share_of(&self, cap: usize, runtime: u64) -> usize {
+    fn share_of(&self, cap: usize, runtime: u64, now: Instant) -> usize {
         let competing: std::collections::HashSet<u64> = self
             .held
             .keys()
             .chain(self.waiting.keys())
             .copied()
-            .filter(|other| self.contending(*other))
+            .filter(|other| self.contending(*other, now))
             .chain(std::iter::once(runtime))
             .collect();
         let failing = competing.iter().filter(|other| self.failing(**other)).count();
@@ -298,19 +314,25 @@ impl State {
 
     /// The least recently used idle worker that `runtime` may take the slot of: one of a runtime that is not
     /// competing, or that holds more than its share while `runtime` holds less than its own.
-    fn evictable(&self, cap: usize, runtime: u64) -> Option<(u64, u64)> {
-        let below_share = self.held(runtime) < self.share_of(cap, runtime);
+    fn evictable(&self, cap: usize, runtime: u64, now: Instant) -> Option<(u64, u64)> {
+        let below_share = self.held(runtime) < self.share_of(cap, runtime, now);
+        let failing = self.failing(runtime);
         self.lru
             .iter()
             .rev()
             .find(|(_, owner)| {
-                !self.contending(**owner) || (below_share && self.held(**owner) > self.share_of(cap, **owner))
+                let protected = if failing {
+                    self.contending(**owner, now)
+                } else {
+                    self.in_progress(**owner)
+                };
+                !protected || (below_share && self.held(**owner) > self.share_of(cap, **owner, now))
             })
             .map(|(worker, owner)| (*worker, *owner))
     }
 
     /// The runtime whose waiter is served next: the one furthest below its share, the oldest waiter first.
-    fn next_in_line(&self, cap: usize) -> Option<u64> {
+    fn next_in_line(&self, cap: usize, now: Instant) -> Option<u64> {
         if self.waiting.len() == 1 {
             return self.waiting.keys().next().copied();
         }
@@ -318,7 +340,7 @@ impl State {
             .iter()
             .filter_map(|(runtime, queue)| Some((*runtime, queue.front()?.id)))
             .min_by_key(|(runtime, first)| {
-                let over = self.held(*runtime) as i64 - self.share_of(cap, *runtime) as i64;
+                let over = self.held(*runtime) as i64 - self.share_of(cap, *runtime, now) as i64;
                 (over, *first)
             })
             .map(|(runtime, _)| runtime)
@@ -425,7 +447,8 @@ impl Shared {
     fn free_slot(&self, this: &Arc<Shared>, owner: u64) {
         let mut state = self.lock();
         state.unhold(owner);
-        while let Some(runtime) = state.next_in_line(self.cap) {
+        let now = Instant::now();
+        while let Some(runtime) = state.next_in_line(self.cap, now) {
             let waiter = state.pop_waiter(runtime).expect("a runtime in line has a waiter");
             let grant = Grant::Slot(Slot {
                 shared: Some(this.clone()),
@@ -461,6 +484,7 @@ impl Pool {
                     waiting: HashMap::new(),
                     queued: 0,
                     next_waiter: 0,
+                    last_release: HashMap::new(),
                     failure_score: HashMap::new(),
                 }),
             }),
@@ -657,7 +681,7 @@ impl Pool {
                         owner: runtime.key,
                     })
                 }
-                None => match state.evictable(self.shared.cap, runtime.key) {
+                None => match state.evictable(self.shared.cap, runtime.key, now) {
                     Some((worker_id, key)) => {
                         let mut idle = state.take_idle(worker_id, key);
                         // The slot changes hands: it counts toward the new runtime's share from now on.
@@ -808,18 +832,21 @@ impl Pool {
         })
     }
 
-    /// Takes a worker back after a request. A healthy one that may serve again goes to the first waiter of its
-    /// version, or waits idle; otherwise it is dropped and its slot passed on.
-    pub fn release(&self, lease: Lease, healthy: bool) {
-        self.put_back(lease, healthy, true);
+    /// Takes a worker back after a request. A healthy one that may serve again goes to a waiter of its version,
+    /// or waits idle; otherwise it is dropped and its slot passed on. `failed` says whether the app failed the
+    /// request (a trap, a timeout, no response), as opposed to a client that went away: only that counts toward
+    /// the version's failure score.
+    pub fn release(&self, lease: Lease, healthy: bool, failed: bool) {
+        self.put_back(lease, healthy, Some(failed));
     }
 
     /// Takes back a worker that served no request (a health check): kept warm if its version keeps workers.
     pub fn release_unused(&self, lease: Lease) {
-        self.put_back(lease, true, false);
+        self.put_back(lease, true, None);
     }
 
-    fn put_back(&self, lease: Lease, healthy: bool, served: bool) {
+    fn put_back(&self, lease: Lease, healthy: bool, failed: Option<bool>) {
+        let served = failed.is_some();
         let Lease { worker, runtime, slot } = lease;
         let now = Instant::now();
         worker
@@ -828,8 +855,8 @@ impl Pool {
         let key = runtime.key;
         let reuse = healthy && runtime.may_reuse(&worker, now);
         let mut state = self.shared.lock();
-        if served {
-            state.record(key, !healthy);
+        if let Some(failed) = failed {
+            state.record(key, failed);
         }
         if !reuse {
             drop(state);
@@ -838,16 +865,18 @@ impl Pool {
             return;
         }
         let mut idle = Idle { worker, runtime, slot };
+        state.last_release.insert(key, now);
         let cap = self.shared.cap;
         loop {
-            let own = match state.next_in_line(cap) {
+            let own = match state.next_in_line(cap, now) {
                 Some(next) if next == key => next,
                 // Another version is further below its share: it gets this worker's slot if this version holds
-                // more than its own, or has nothing else in progress (after the lock is released, so the drop
-                // below does the handing over).
-                Some(_)
-                    if state.held(key) > state.share_of(cap, key)
-                        || state.held(key) <= 1 + state.idle.get(&key).map_or(0, Vec::len) =>
+                // more than its own, or, unless it is a version whose calls keep failing, if this one has nothing
+                // else in progress (after the lock is released, so the drop below does the handing over).
+                Some(next)
+                    if state.held(key) > state.share_of(cap, key, now)
+                        || (!state.failing(next)
+                            && state.held(key) <= 1 + state.idle.get(&key).map_or(0, Vec::len)) =>
                 {
                     // A warm worker goes so that a request for another version gets its slot: an eviction.
                     drop(state);
@@ -892,10 +921,10 @@ impl Pool {
             // Waiters may now take the slots of idle workers whose versions stopped competing: at most one per
             // waiter, each slot passed on when its worker is dropped below (unlocked).
             for _ in 0..state.queued {
-                let Some(next) = state.next_in_line(self.shared.cap) else {
+                let Some(next) = state.next_in_line(self.shared.cap, now) else {
                     break;
                 };
-                let Some((worker_id, key)) = state.evictable(self.shared.cap, next) else {
+                let Some((worker_id, key)) = state.evictable(self.shared.cap, next, now) else {
                     break;
                 };
                 reaped.push(state.take_idle(worker_id, key));
