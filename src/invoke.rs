@@ -522,7 +522,7 @@ struct GuestBody {
     link: Arc<Link>,
     /// Whether the end of the body was seen.
     ended: bool,
-    /// Fires when the call has given its worker back: the body ends only then.
+    /// Fires when the call has given its worker back: a small response's head waits for it (see `gather`).
     released: Option<oneshot::Receiver<()>>,
 }
 
@@ -567,17 +567,14 @@ impl http_body::Body for GuestBody {
                 other => return other,
             }
         }
-        if let Some(released) = &mut this.released {
-            // Closed (the lane shut down) counts as released: nothing more will come.
-            let _ = std::task::ready!(Pin::new(released).poll(cx));
-            this.released = None;
-        }
+        // The end is not held back until the worker is back: while an HTTP/1.1 response is unfinished its
+        // connection reads no next request, so a client that already has the whole body (a known length) and
+        // sends one could lose it to a graceful shutdown. Small responses wait for the worker in `gather`.
         Poll::Ready(None)
     }
 
     fn is_end_stream(&self) -> bool {
-        // Never before the worker is back: the end is only told once it is.
-        self.released.is_none() && self.ended && self.gathered.is_empty()
+        self.ended && self.gathered.is_empty()
     }
 
     fn size_hint(&self) -> SizeHint {
