@@ -158,6 +158,8 @@ pub async fn invoke(
     // Dropped unsent (a timeout here, or the client gone), `head` tells the call to stop.
     let over_limit = link.front.notified();
     let waited = tokio::select! {
+        // The call's own answer first, when both are there: it knows best what happened.
+        biased;
         head = head => head,
         () = sleep_until(deadline) => {
             // Still in the pool's queue: the pool was busy the whole time (503), the app never got the request.
@@ -239,7 +241,7 @@ async fn run(
     };
     lease.worker.begin(clock.clone());
     let (outparam, mut response) = oneshot::channel::<GuestResponse>();
-    let outcome = {
+    let (outcome, answer) = {
         let Lease { worker, .. } = &mut lease;
         let call = async {
             let data = worker.store.data_mut();
@@ -255,7 +257,7 @@ async fn run(
             clock: &clock,
             deadline,
         };
-        drive(call, &mut response, head, timing, &link, &runtime).await.0
+        drive(call, &mut response, head, timing, &link, &runtime).await
     };
     let identity = &runtime.identity;
     let counters = &pool.counters;
@@ -285,9 +287,16 @@ async fn run(
     // A call cut short leaves the instance wherever the guest was: only one that returned serves again.
     let failed = !matches!(outcome, Outcome::Returned | Outcome::Abandoned);
     pool.release(lease, matches!(outcome, Outcome::Returned), failed);
-    // Only now does the response end, so a client's next request finds this worker back in the pool.
+    // The client hears of a failure only now, once it is counted and the worker gone, so what it sees next (the
+    // metrics, a new instance) already follows from it.
+    if let Some((head, error)) = answer {
+        let _ = head.send(Err(error));
+    }
     let _ = released.send(());
 }
+
+/// An error answer that waits until the call's outcome is counted and its worker given back.
+type Answer = Option<(oneshot::Sender<Head>, Error)>;
 
 const NO_RESPONSE: &str = "the app returned without setting a response (response-outparam::set was never called)";
 
@@ -297,8 +306,8 @@ struct Timing<'a> {
     deadline: Option<Instant>,
 }
 
-/// Drives the handler until it returns, passing the head on as soon as it is set. Returns how the call ended and
-/// whether a head reached the front.
+/// Drives the handler until it returns, passing the head on as soon as it is set. Returns how the call ended and,
+/// when the call ended without a head, the error to answer with.
 async fn drive(
     call: impl Future<Output = wasmtime::Result<()>>,
     response: &mut oneshot::Receiver<GuestResponse>,
@@ -306,7 +315,7 @@ async fn drive(
     Timing { clock, deadline }: Timing<'_>,
     link: &Link,
     runtime: &VersionRuntime,
-) -> (Outcome, bool) {
+) -> (Outcome, Answer) {
     tokio::pin!(call);
     let deadline_at = deadline;
     let deadline = sleep_until(deadline);
@@ -333,7 +342,7 @@ async fn drive(
             return match response.try_recv() {
                 Ok(set) => {
                     let sent = pass_on(head, set, clock, runtime);
-                    (if sent { outcome } else { Outcome::Abandoned }, sent)
+                    (if sent { outcome } else { Outcome::Abandoned }, None)
                 }
                 Err(_) => {
                     let error = match &outcome {
@@ -342,38 +351,36 @@ async fn drive(
                         Outcome::Trapped(message) => app_failed(runtime, first_line(message)),
                         Outcome::NoResponse | Outcome::Abandoned => app_failed(runtime, NO_RESPONSE.into()),
                     };
-                    let _ = head.send(Err(error));
                     let outcome = if matches!(outcome, Outcome::Returned) {
                         Outcome::NoResponse
                     } else {
                         outcome
                     };
-                    (outcome, false)
+                    (outcome, Some((head, error)))
                 }
             };
         }
         // The front gave up: at the deadline (its own timer may fire first), or because the client went away.
-        Before::Gone if deadline_at.is_some_and(|at| Instant::now() >= at) => return (Outcome::TimedOut, false),
-        Before::Gone => return (Outcome::Abandoned, false),
-        Before::Deadline => {
-            let _ = head.send(Err(timed_out(runtime)));
-            return (Outcome::TimedOut, false);
-        }
+        Before::Gone if deadline_at.is_some_and(|at| Instant::now() >= at) => return (Outcome::TimedOut, None),
+        Before::Gone => return (Outcome::Abandoned, None),
+        Before::Deadline => return (Outcome::TimedOut, Some((head, timed_out(runtime)))),
     };
     let Ok(set) = set else {
         // The outparam was dropped unset: nothing will ever answer.
-        let _ = head.send(Err(app_failed(runtime, NO_RESPONSE.into())));
-        return (Outcome::NoResponse, false);
+        return (
+            Outcome::NoResponse,
+            Some((head, app_failed(runtime, NO_RESPONSE.into()))),
+        );
     };
     let answered = set.is_ok();
     if !pass_on(head, set, clock, runtime) {
-        return (Outcome::Abandoned, false);
+        return (Outcome::Abandoned, None);
     }
     if !answered {
         // The app answered with an error code; it should return at once, within its deadline.
         return tokio::select! {
-            returned = &mut call => (ended(returned, clock), true),
-            () = &mut deadline => (Outcome::TimedOut, true),
+            returned = &mut call => (ended(returned, clock), None),
+            () = &mut deadline => (Outcome::TimedOut, None),
         };
     }
     // The head is out and the body streams: the call runs until the handler returns. If the guest finished the
@@ -382,19 +389,19 @@ async fn drive(
     let body_end = link.call.notified();
     tokio::pin!(body_end);
     tokio::select! {
-        returned = &mut call => return (ended(returned, clock), true),
+        returned = &mut call => return (ended(returned, clock), None),
         () = &mut body_end => {}
     }
     match link.body_end() {
-        Some(BodyEnd::Stalled) => return (Outcome::TimedOut, true),
-        Some(BodyEnd::Cut) => return (Outcome::Abandoned, true),
+        Some(BodyEnd::Stalled) => return (Outcome::TimedOut, None),
+        Some(BodyEnd::Cut) => return (Outcome::Abandoned, None),
         _ => {}
     }
     let grace = runtime.timeout().map(|timeout| Instant::now() + timeout);
     clock.set_deadline(grace);
     tokio::select! {
-        returned = &mut call => (ended(returned, clock), true),
-        () = sleep_until(grace) => (Outcome::TimedOut, true),
+        returned = &mut call => (ended(returned, clock), None),
+        () = sleep_until(grace) => (Outcome::TimedOut, None),
     }
 }
 

@@ -769,9 +769,12 @@ impl Pool {
             Some(deadline) => tokio::time::timeout_at(deadline.into(), &mut leave.receiver).await.ok(),
             None => Some((&mut leave.receiver).await),
         };
-        clock.set_queued(false);
         let grant = match granted {
-            Some(Ok(grant)) => grant,
+            // Still queued as far as the front can tell: a deadline that came here came while waiting.
+            Some(Ok(grant)) => {
+                clock.set_queued(false);
+                grant
+            }
             _ => {
                 drop(leave);
                 self.counters.queue_timeouts.fetch_add(1, Ordering::Relaxed);
