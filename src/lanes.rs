@@ -70,7 +70,6 @@ pub struct VersionMeter {
     sampled_ns: AtomicU64,
     recent_ns: AtomicU64,
     heavy: std::sync::atomic::AtomicBool,
-    demotions: AtomicU64,
 }
 
 impl VersionMeter {
@@ -79,18 +78,9 @@ impl VersionMeter {
         Duration::from_nanos(self.cpu_ns.load(Ordering::Relaxed))
     }
 
-    /// Calls moved to the demoted lane (or started there) so far.
-    pub fn demotions(&self) -> u64 {
-        self.demotions.load(Ordering::Relaxed)
-    }
-
     /// Whether this version's new calls start in the demoted lane.
     pub fn is_heavy(&self) -> bool {
         self.heavy.load(Ordering::Relaxed)
-    }
-
-    fn demoted(&self) {
-        self.demotions.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -128,9 +118,6 @@ impl Lanes {
         call: impl Future<Output = ()> + Send + 'static,
     ) {
         let demoted = meter.is_heavy();
-        if demoted {
-            meter.demoted();
-        }
         let task = Metered {
             call: Box::pin(call),
             meter,
@@ -270,7 +257,6 @@ impl Future for Metered {
                 demoted: true,
                 demoted_lane: this.demoted_lane.clone(),
             };
-            this.meter.demoted();
             this.demoted_lane.spawn(moved);
             return Poll::Ready(());
         }

@@ -6,17 +6,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{client, AppsDir, TestServer};
+use common::{client, get_json as get, AppsDir, TestServer};
 use marina::server::ServeOptions;
 use serde_json::{json, Value};
-
-async fn get(server: &TestServer, path: &str) -> (u16, Value) {
-    let response = client().get(server.url(path)).send().await.unwrap();
-    let status = response.status().as_u16();
-    let text = response.text().await.unwrap();
-    let value = serde_json::from_str(&text).unwrap_or_else(|_| json!({ "text": text }));
-    (status, value)
-}
 
 async fn start(apps: &AppsDir, pool_size: usize, queue_limit: usize) -> TestServer {
     let mut options = ServeOptions::new(apps.path());

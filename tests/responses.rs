@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{client, AppsDir, TestServer};
+use common::{client, get_json as get, AppsDir, TestServer};
 use futures_util::StreamExt;
 use marina::server::ServeOptions;
 use serde_json::{json, Value};
@@ -18,14 +18,6 @@ async fn start(apps: &AppsDir) -> TestServer {
     options.precompile = true;
     options.drain_timeout = Duration::from_secs(5);
     TestServer::start_with(options).await
-}
-
-async fn get(server: &TestServer, path: &str) -> (u16, Value) {
-    let response = client().get(server.url(path)).send().await.unwrap();
-    let status = response.status().as_u16();
-    let text = response.text().await.unwrap();
-    let value = serde_json::from_str(&text).unwrap_or_else(|_| json!({ "text": text }));
-    (status, value)
 }
 
 #[tokio::test]

@@ -366,3 +366,12 @@ impl Drop for MarinaProcess {
         let _ = self.child.wait();
     }
 }
+
+/// GETs `path` and returns the status and the body as JSON (a body that is not JSON comes as `{"text": ...}`).
+pub async fn get_json(server: &TestServer, path: &str) -> (u16, serde_json::Value) {
+    let response = client().get(server.url(path)).send().await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    let value = serde_json::from_str(&text).unwrap_or_else(|_| serde_json::json!({ "text": text }));
+    (status, value)
+}
