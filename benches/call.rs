@@ -12,9 +12,9 @@
 use std::time::Instant;
 
 use http_body_util::BodyExt;
-use marina::engine::{Engine, EngineSettings, Loaded};
-use marina::registry::Deployment;
-use marina::worker::{Identity, Worker};
+use marina::backends::wasm::engine::{Engine, EngineSettings, Loaded};
+use marina::backends::wasm::worker::{Identity, Worker};
+use marina::deploy::registry::Deployment;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::WasiHttpView;
 
@@ -57,7 +57,7 @@ struct Subject {
     loaded: Loaded,
     deployment: Deployment,
     identity: Identity,
-    workers: std::sync::Arc<marina::metrics::workers::WorkerTable>,
+    workers: std::sync::Arc<marina::backends::wasm::status::WorkerTable>,
     _dir: tempfile::TempDir,
 }
 
@@ -66,7 +66,7 @@ impl Subject {
         let dir = tempfile::tempdir().unwrap();
         std::fs::copy(common::guest(example), dir.path().join("app.wasm")).unwrap();
         std::fs::write(dir.path().join("worker.config.json"), "{}").unwrap();
-        let deployment = marina::registry::load_version(dir.path()).unwrap();
+        let deployment = marina::deploy::registry::load_version(dir.path()).unwrap();
         let engine = Engine::new(&EngineSettings {
             pool_size: INSTANCES,
             cache_dir: None,

@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use marina::config::WorkerConfig;
-use marina::registry::{App, AppKind, AppVersion, Deployment, Registry, Snapshot};
+use marina::deploy::config::WorkerConfig;
+use marina::deploy::registry::{App, AppKind, AppVersion, Deployment, Registry, Snapshot};
 use semver::Version;
 
 const APPS: usize = 1_000;

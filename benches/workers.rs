@@ -227,15 +227,19 @@ async fn metrics_cost(apps: &Path, benchmarking: bool, secs: u64) {
 /// without), and microseconds per `GET /_/stats` on `server`.
 async fn recording_cost(server: &harness::Running) -> (f64, f64) {
     use marina::metrics::Metrics;
-    let engine = marina::engine::Engine::new(&marina::engine::EngineSettings {
+    let engine = marina::backends::wasm::engine::Engine::new(&marina::backends::wasm::engine::EngineSettings {
         pool_size: 1,
         cache_dir: None,
     })
     .unwrap();
-    let pool = std::sync::Arc::new(marina::pool::Pool::new(std::sync::Arc::new(engine), 1, 0));
+    let pool = std::sync::Arc::new(marina::backends::wasm::pool::Pool::new(
+        std::sync::Arc::new(engine),
+        1,
+        0,
+    ));
     let metrics = Metrics::new(pool, true);
     let version = semver::Version::new(1, 0, 0);
-    let served = marina::dispatch::Served {
+    let served = marina::metrics::Served {
         stats: metrics.app("hello", &version),
     };
     let respond = || {

@@ -7,25 +7,14 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
-use std::sync::Arc;
-
-use crate::registry::{App, SpecError};
+use crate::deploy::registry::ResolveError;
 
 /// A request that cannot be served, with the status it answers.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The first path segment names no deployed app.
-    #[error("no app named {app:?}")]
-    AppNotFound { app: String },
-
-    /// The app exists but no version matches the spec. The app is kept whole so that the list of its versions
-    /// is only built if the response is.
-    #[error("no version of {:?} matches {}", app.name, spec.as_deref().unwrap_or("(latest)"))]
-    VersionNotFound { app: Arc<App>, spec: Option<String> },
-
-    /// The text after `@` is not a version or a semver range.
-    #[error("{0}")]
-    BadSpec(SpecError),
+    /// The first path segment names no deployed version: a bad spec (400), or no such app or version (404).
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
 
     /// The resolved version's config or entrypoint is invalid.
     #[error("{app}@{version} cannot be served: {reason}")]
@@ -115,10 +104,8 @@ pub enum Error {
 impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
-            Error::AppNotFound { .. } | Error::VersionNotFound { .. } | Error::NoRoute(_) | Error::FileNotFound(_) => {
-                StatusCode::NOT_FOUND
-            }
-            Error::BadSpec(_) | Error::BadQuery(_) => StatusCode::BAD_REQUEST,
+            Error::Resolve(ResolveError::BadSpec(_)) | Error::BadQuery(_) => StatusCode::BAD_REQUEST,
+            Error::Resolve(_) | Error::NoRoute(_) | Error::FileNotFound(_) => StatusCode::NOT_FOUND,
             Error::InvalidVersion { .. }
             | Error::WorkerFailed { .. }
             | Error::PoolBusy(_)
@@ -138,9 +125,9 @@ impl Error {
     /// A stable, machine-readable name for the failure.
     pub fn code(&self) -> &'static str {
         match self {
-            Error::AppNotFound { .. } => "app_not_found",
-            Error::VersionNotFound { .. } => "version_not_found",
-            Error::BadSpec(_) => "bad_version_spec",
+            Error::Resolve(ResolveError::AppNotFound { .. }) => "app_not_found",
+            Error::Resolve(ResolveError::VersionNotFound { .. }) => "version_not_found",
+            Error::Resolve(ResolveError::BadSpec(_)) => "bad_version_spec",
             Error::InvalidVersion { .. } => "invalid_version",
             Error::WorkerFailed { .. } => "worker_failed",
             Error::AppFailed { .. } => "app_failed",
@@ -164,13 +151,13 @@ impl Error {
     fn body(&self) -> Value {
         let mut body = json!({ "error": self.to_string(), "code": self.code() });
         match self {
-            Error::AppNotFound { app } => body["app"] = json!(app),
-            Error::VersionNotFound { app, spec } => {
+            Error::Resolve(ResolveError::AppNotFound { app }) => body["app"] = json!(app),
+            Error::Resolve(ResolveError::VersionNotFound { app, spec }) => {
                 body["app"] = json!(app.name);
                 body["spec"] = json!(spec);
                 body["available"] = json!(app.version_list());
             }
-            Error::BadSpec(e) => body["spec"] = json!(e.spec),
+            Error::Resolve(ResolveError::BadSpec(e)) => body["spec"] = json!(e.spec),
             Error::InvalidVersion { app, version, .. }
             | Error::WorkerFailed { app, version, .. }
             | Error::AppFailed { app, version, .. }
@@ -217,6 +204,7 @@ impl IntoResponse for Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn a_missing_version_lists_what_is_available() {
@@ -224,11 +212,11 @@ mod tests {
         for version in ["1.0.0", "2.0.0"] {
             std::fs::create_dir_all(dir.path().join("hello").join(version)).unwrap();
         }
-        let app = Arc::new(crate::registry::scan_app(dir.path(), "hello").unwrap());
-        let error = Error::VersionNotFound {
+        let app = Arc::new(crate::deploy::registry::scan_app(dir.path(), "hello").unwrap());
+        let error = Error::from(ResolveError::VersionNotFound {
             app,
             spec: Some("^3".into()),
-        };
+        });
         assert_eq!(error.status(), StatusCode::NOT_FOUND);
         assert_eq!(
             error.body(),

@@ -1,42 +1,31 @@
 //! Marina hosts versioned apps from a directory: drop `APPS_DIR/<app>/<version>/` on disk and it answers at
 //! `/<app>@<semver>/...`.
 //!
-//! How the parts fit, in the order a request meets them:
+//! # Layers
 //!
-//! - [`cli`]: the `marina` command (`serve`, `check`, `schema`); settings are validated before anything binds.
-//! - [`server`]: the accept loop (HTTP/1.1 and h2c on one port, limits, graceful drain) and the front door.
-//! - [`access_log`]: one structured log line per request.
-//! - [`internal`]: the host's own routes under `/_/` (health, readiness, deployments, metrics, the dashboard).
-//! - [`metrics`]: request and pool counters, latency histograms, the JSON/Prometheus/SSE views of them.
-//! - [`dispatch`]: splits `/<app>@<spec>/rest`, resolves the version, and hands the rest to what serves it.
-//! - [`registry`]: what is deployed: the scan of APPS_DIR, semver resolution, hot reload.
-//! - [`config`]: `worker.config.json`, its validation and its generated JSON schema.
-//! - [`proxy`]: a version's `proxy` rules: matched requests forwarded to upstreams, WebSocket tunnels.
-//! - [`static_files`]: static apps, with conditional and range requests, confined to their directory.
-//! - [`invoke`]: one request on a WASM worker: deadline, body limit, traps and timeouts as HTTP answers.
-//! - [`lanes`]: the threads guest code runs on, apart from the front, with long calls and heavy apps demoted.
-//! - [`pool`]: the bounded pool of workers: the `POOL_SIZE` cap, warm reuse, LRU eviction, the wait queue.
-//! - [`worker`]: one isolated instance: its env, read-only filesystem, outbound policy, memory cap, logs.
-//! - [`engine`]: the one wasmtime engine: pooling allocator, epoch ticker, compile cache.
-//! - [`error`]: every failure and the one place it becomes a JSON response.
-//! - [`lifecycle`]: loading, ready, draining, and the signals that end the process.
-//! - [`logging`]: pretty or JSON log output.
+//! The folders are the layers, listed from the top; a module imports only from the layers below its own, and
+//! modules on one layer do not import one another (`src/layers.rs` checks this on every test run):
+//!
+//! 1. [`cli`]: the `marina` command (`serve`, `check`, `schema`) and log output; settings are validated before
+//!    anything binds.
+//! 2. [`server`]: the edge: the accept loop (HTTP/1.1 and h2c on one port, connection limits and timeouts,
+//!    graceful drain), the front door every request goes through, the access log, the reload loop, signals.
+//! 3. [`routes`]: what a request is answered with: app dispatch (split `/<app>@<spec>/rest`, resolve, hand on),
+//!    the host's own routes under `/_/` and the SSE stream, over the shared [`routes::AppState`].
+//! 4. [`metrics`]: request and pool counters, latency histograms, the window, the JSON and Prometheus views.
+//! 5. [`backends`]: what serves a resolved request: [`backends::static_files`], [`backends::proxy`] (proxy rules'
+//!    upstreams, WebSocket tunnels) and [`backends::wasm`] (invoke, pool, engine, lanes, workers). The three are
+//!    peers and do not import one another; what they share sits in `backends` itself.
+//! 6. [`error`]: every failure a request can meet, and the one place it becomes a JSON response.
+//! 7. [`deploy`]: what is on disk: `worker.config.json` and its schema, compiled proxy rules, the registry of
+//!    apps and versions (scan, semver resolution, hot reload). It knows nothing of HTTP responses.
 
-pub mod access_log;
+pub mod backends;
 pub mod cli;
-pub mod config;
-pub mod dispatch;
-pub mod engine;
+pub mod deploy;
 pub mod error;
-pub mod internal;
-pub mod invoke;
-pub mod lanes;
-pub mod lifecycle;
-pub mod logging;
+#[cfg(test)]
+mod layers;
 pub mod metrics;
-pub mod pool;
-pub mod proxy;
-pub mod registry;
+pub mod routes;
 pub mod server;
-pub mod static_files;
-pub mod worker;

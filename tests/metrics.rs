@@ -524,7 +524,7 @@ impl Subscriber {
                 return Some(parse_frame(text.trim_end_matches('\n')));
             }
             // Longer than the keep-alive interval: an open stream sends something within it.
-            let limit = marina::metrics::sse::KEEP_ALIVE + Duration::from_secs(5);
+            let limit = marina::routes::sse::KEEP_ALIVE + Duration::from_secs(5);
             let chunk = tokio::time::timeout(limit, self.body.next())
                 .await
                 .expect("a frame or a keep-alive within the keep-alive interval")?
@@ -632,7 +632,7 @@ async fn a_quiet_sse_stream_sends_keep_alive_comments() {
     // The next event is a minute away; a comment must come first, within the keep-alive interval.
     let next = subscriber.next().await.expect("the stream stays open");
     assert!(next.comment && next.event.is_none(), "{next:?}");
-    assert!(next.at - first.at <= marina::metrics::sse::KEEP_ALIVE + Duration::from_secs(2));
+    assert!(next.at - first.at <= marina::routes::sse::KEEP_ALIVE + Duration::from_secs(2));
 }
 
 async fn sse_clients(server: &TestServer) -> u64 {
@@ -676,7 +676,7 @@ async fn a_disconnected_sse_client_is_dropped_and_many_cost_one_snapshot_per_tic
 async fn streams_beyond_the_limit_are_refused_until_one_closes() {
     let (_apps, server) = lab(json!({"ttl": 60}), 4).await;
     let mut open = Vec::new();
-    for _ in 0..marina::metrics::sse::MAX_CLIENTS {
+    for _ in 0..marina::routes::sse::MAX_CLIENTS {
         open.push(Subscriber::open(&server, "").await);
     }
     let refused = client().get(server.url("/_/sse")).send().await.unwrap();
@@ -881,7 +881,7 @@ async fn the_dashboard_shows_live_numbers_under_load_and_reconnects_after_a_rest
     assert_eq!(browser.text("total-requests").await, "0");
     assert_eq!(
         browser.text("pool-size").await,
-        marina::pool::DEFAULT_POOL_SIZE.to_string()
+        marina::backends::wasm::pool::DEFAULT_POOL_SIZE.to_string()
     );
 
     // Load for a few seconds: the numbers on the page move.

@@ -11,14 +11,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
-use marina::config::{ProxyRule, ProxyRules, WorkerConfig, MAX_MEMORY_MB_LIMIT, MAX_TIMEOUT_SECS};
-use marina::dispatch::split_mount;
-use marina::error::Error;
-use marina::proxy::Rules;
-use marina::registry::{
+use marina::deploy::config::{ProxyRule, ProxyRules, WorkerConfig, MAX_MEMORY_MB_LIMIT, MAX_TIMEOUT_SECS};
+use marina::deploy::registry::{
     load_version, parse_spec, parse_target, scan_app, scan_apps_dir, valid_app_name, App, AppVersion, Deployment,
-    Snapshot, Spec,
+    ResolveError, Snapshot, Spec,
 };
+use marina::deploy::rules::Rules;
+use marina::error::Error;
+use marina::routes::apps::split_mount;
 use percent_encoding::percent_decode_str;
 use proptest::prelude::*;
 use proptest::test_runner::Config;
@@ -116,11 +116,11 @@ fn outcome(snapshot: &Snapshot, segment: &str) -> Outcome {
         Ok(resolved) => Outcome::Served(resolved.version.version.clone()),
         Err(error) => {
             let expected = match &error {
-                Error::VersionNotFound { .. } => (Outcome::VersionNotFound, "version_not_found", 404),
-                Error::AppNotFound { .. } => (Outcome::AppNotFound, "app_not_found", 404),
-                Error::BadSpec(_) => (Outcome::BadSpec, "bad_version_spec", 400),
-                other => panic!("{segment:?}: resolution failed with an unexpected error: {other:?}"),
+                ResolveError::VersionNotFound { .. } => (Outcome::VersionNotFound, "version_not_found", 404),
+                ResolveError::AppNotFound { .. } => (Outcome::AppNotFound, "app_not_found", 404),
+                ResolveError::BadSpec(_) => (Outcome::BadSpec, "bad_version_spec", 400),
             };
+            let error = Error::from(error);
             assert_eq!(error.code(), expected.1, "{segment:?}");
             assert_eq!(error.status().as_u16(), expected.2, "{segment:?}");
             expected.0
@@ -780,7 +780,7 @@ fn serve(site: &Site, deployment: &Deployment, path: &str, encoding: Option<&str
         headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_str(encoding).unwrap());
     }
     site.runtime.block_on(async {
-        match marina::static_files::serve(deployment, path, &Method::GET, &headers).await {
+        match marina::backends::static_files::serve(deployment, path, &Method::GET, &headers).await {
             Ok(response) => match response.status() {
                 StatusCode::OK => {
                     let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();

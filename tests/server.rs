@@ -2,17 +2,15 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use common::{client, AppsDir, MarinaProcess, TestServer};
 use futures_util::StreamExt;
-use marina::engine::{Engine, EngineSettings};
-use marina::lifecycle::Lifecycle;
-use marina::pool::Pool;
-use marina::registry::Registry;
-use marina::server::{AppState, Front};
+use marina::backends::wasm::engine::EngineSettings;
+use marina::routes::lifecycle::Lifecycle;
+use marina::routes::AppState;
+use marina::server::Front;
 
 #[tokio::test]
 async fn http2_with_prior_knowledge_is_served_on_the_same_port() {
@@ -29,21 +27,13 @@ async fn http2_with_prior_knowledge_is_served_on_the_same_port() {
 }
 
 fn state_in(phase: impl Fn(&Lifecycle)) -> AppState {
-    let lifecycle = Lifecycle::default();
-    phase(&lifecycle);
-    let engine = Engine::new(&EngineSettings {
+    let engine = EngineSettings {
         pool_size: 1,
         cache_dir: None,
-    })
-    .unwrap();
-    let pool = Arc::new(Pool::new(Arc::new(engine), 1, 0));
-    AppState {
-        registry: Arc::new(Registry::new(std::env::temp_dir())),
-        lifecycle: Arc::new(lifecycle),
-        metrics: Arc::new(marina::metrics::Metrics::new(pool.clone(), true)),
-        pool,
-        upstreams: Arc::new(marina::proxy::Upstreams::new()),
-    }
+    };
+    let state = AppState::new(std::env::temp_dir(), &engine, 0, true).unwrap();
+    phase(&state.lifecycle);
+    state
 }
 
 async fn get(state: AppState, path: &str) -> (u16, Option<String>, String) {

@@ -102,7 +102,7 @@ pub fn proxied_apps(upstream: SocketAddr) -> tempfile::TempDir {
 pub async fn start_floor(upstream: SocketAddr) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let pool = std::sync::Arc::new(marina::proxy::http1::Http1Pool::default());
+    let pool = std::sync::Arc::new(marina::backends::proxy::http1::Http1Pool::default());
     let authority: http::uri::Authority = upstream.to_string().parse().unwrap();
     let task = tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {

@@ -10,8 +10,6 @@
 pub mod histogram;
 pub mod prometheus;
 pub mod report;
-pub mod sse;
-pub mod workers;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,10 +22,9 @@ use http::StatusCode;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::Served;
-use crate::pool::{Pool, PoolCounts, PoolStats};
+use crate::backends::wasm::pool::{Pool, PoolCounts, PoolStats};
+use crate::backends::wasm::status::WorkerReading;
 use histogram::{Counts, Histogram};
-use workers::WorkerReading;
 
 /// Rates and latency percentiles cover this much of the recent past.
 pub const WINDOW: Duration = Duration::from_secs(10);
@@ -39,6 +36,13 @@ pub const RETIRED: &str = "retired";
 
 /// Status codes are counted for 100..=599; anything else (never sent by hyper) counts as 599.
 const STATUS_CODES: usize = 500;
+
+/// The app version a response came from (the unrouted counters when it named none), left in its extensions by the
+/// dispatcher for the access log and [`Metrics::observe`].
+#[derive(Clone)]
+pub struct Served {
+    pub stats: Arc<AppStats>,
+}
 
 /// One app version's request counters.
 pub struct AppStats {
@@ -343,7 +347,7 @@ impl Metrics {
     /// Folds the counters of versions no longer in `deployed` into the retired total. Their share of the current
     /// window moves with them, so neither the totals nor the rates jump. (A request still in flight on a removed
     /// version finishes uncounted.)
-    pub fn retain(&self, deployed: &crate::registry::Snapshot) {
+    pub fn retain(&self, deployed: &crate::deploy::registry::Snapshot) {
         let _adding = self.adding.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.apps.load_full();
         let is_deployed = |app: &str, version: &semver::Version| {
@@ -544,11 +548,11 @@ mod tests {
     use super::*;
 
     fn metrics() -> Metrics {
-        let settings = crate::engine::EngineSettings {
+        let settings = crate::backends::wasm::engine::EngineSettings {
             pool_size: 1,
             cache_dir: None,
         };
-        let engine = Arc::new(crate::engine::Engine::new(&settings).unwrap());
+        let engine = Arc::new(crate::backends::wasm::engine::Engine::new(&settings).unwrap());
         Metrics::new(Arc::new(Pool::new(engine, 1, 0)), true)
     }
 
@@ -571,7 +575,7 @@ mod tests {
         let before = metrics.snapshot();
         assert_eq!((before.total().0, before.recent_total().requests), (5, 2));
 
-        let nothing_deployed = crate::registry::Snapshot {
+        let nothing_deployed = crate::deploy::registry::Snapshot {
             apps: HashMap::new(),
             ignored: Vec::new(),
         };

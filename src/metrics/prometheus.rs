@@ -242,8 +242,8 @@ fn escape(value: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::histogram::BOUNDS_NS;
     use super::*;
+    use crate::metrics::histogram::BOUNDS_NS;
 
     #[test]
     fn every_exported_bucket_is_one_of_the_histograms_bounds() {

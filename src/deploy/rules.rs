@@ -6,7 +6,7 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use regex::Regex;
 
-use crate::config::ProxyRule;
+use crate::deploy::config::ProxyRule;
 
 /// Rules in the order they are tried.
 #[derive(Debug, Clone, Default)]

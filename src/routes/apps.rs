@@ -7,27 +7,18 @@ use axum::extract::Request;
 use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 
-use std::sync::Arc;
-
+use crate::backends::static_files;
+use crate::deploy::registry::{AppKind, Resolved};
 use crate::error::Error;
-use crate::lifecycle::Phase;
-use crate::metrics::AppStats;
-use crate::registry::{AppKind, Resolved};
-use crate::server::AppState;
-use crate::static_files;
+use crate::metrics::Served;
+use crate::routes::lifecycle::Phase;
+use crate::routes::AppState;
 
 /// The request header that tells an app the prefix it was reached under, e.g. `/hello@1`.
 pub const BASE_HEADER: &str = "x-marina-base";
 
 /// How long `GET /<app>@<spec>/health` waits for a worker before answering 503.
 pub const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// The app version a response came from (the unrouted counters when it named none), left in its extensions for
-/// the access log and the metrics.
-#[derive(Clone)]
-pub struct Served {
-    pub stats: Arc<AppStats>,
-}
 
 /// Every request that is not for an internal route.
 pub async fn handle(state: &AppState, request: Request) -> Response {
@@ -55,7 +46,7 @@ async fn route(state: &AppState, request: Request, arrived: std::time::Instant) 
     }
     let resolved = match state.registry.snapshot().resolve(segment) {
         Ok(resolved) => resolved,
-        Err(error) => return (unrouted(), Err(error)),
+        Err(error) => return (unrouted(), Err(error.into())),
     };
     let served = Served {
         stats: state.metrics.app(&resolved.app.name, &resolved.version.version),
@@ -90,7 +81,7 @@ async fn serve(
     if host_health {
         if deployment.kind == AppKind::Wasm {
             // Healthy means a worker can actually be had: compiled, instantiated, within the cap.
-            crate::invoke::check(&state.pool, runtime(), arrived + HEALTH_TIMEOUT)
+            crate::backends::wasm::invoke::check(&state.pool, runtime(), arrived + HEALTH_TIMEOUT)
                 .await
                 .map_err(|reason| Error::WorkerFailed {
                     app: resolved.app.name.clone(),
@@ -120,7 +111,9 @@ async fn serve(
             }
             static_files::serve(deployment, app_path, method, request.headers()).await
         }
-        AppKind::Wasm => crate::invoke::invoke(&state.pool, runtime(), app_request(request), arrived).await,
+        AppKind::Wasm => {
+            crate::backends::wasm::invoke::invoke(&state.pool, runtime(), app_request(request), arrived).await
+        }
     }
 }
 

@@ -16,8 +16,7 @@ use arc_swap::ArcSwap;
 use semver::Version;
 use serde::Serialize;
 
-use crate::config::WorkerConfig;
-use crate::error::Error;
+use crate::deploy::config::WorkerConfig;
 
 pub use resolve::{parse_spec, parse_target, Spec, SpecError, Target};
 pub use scan::{load_version, scan_app, scan_apps_dir, valid_app_name, DEFAULT_ENTRYPOINTS, MAX_APP_NAME_LEN};
@@ -48,7 +47,7 @@ pub struct Deployment {
     /// a deployment (a compiled component, warm workers) can tell it is out of date.
     pub fingerprint: u64,
     /// The config's `proxy` rules, compiled: tried before the entrypoint sees a request.
-    pub proxy: crate::proxy::Rules,
+    pub proxy: crate::deploy::rules::Rules,
 }
 
 /// One version directory of an app.
@@ -86,6 +85,24 @@ pub struct Snapshot {
     pub ignored: Vec<String>,
 }
 
+/// Why a path segment resolves to no version. The request path answers each with its own status (see
+/// `crate::error`).
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// The text after `@` is not a version or a semver range.
+    #[error(transparent)]
+    BadSpec(#[from] SpecError),
+
+    /// The segment names no deployed app.
+    #[error("no app named {app:?}")]
+    AppNotFound { app: String },
+
+    /// The app exists but no version matches the spec. The app is kept whole so that the list of its versions is
+    /// only built if an answer needs it.
+    #[error("no version of {:?} matches {}", app.name, spec.as_deref().unwrap_or("(latest)"))]
+    VersionNotFound { app: Arc<App>, spec: Option<String> },
+}
+
 /// The version a request resolved to, held by the request until it finishes.
 #[derive(Debug, Clone)]
 pub struct Resolved {
@@ -95,17 +112,20 @@ pub struct Resolved {
 
 impl Snapshot {
     /// Resolves the first path segment (`<app>[@<spec>]`, still percent-encoded) to a version.
-    pub fn resolve(&self, segment: &str) -> Result<Resolved, Error> {
-        let target = parse_target(segment).map_err(Error::BadSpec)?;
-        let app = self.apps.get(target.app.as_ref()).ok_or_else(|| Error::AppNotFound {
-            app: target.app.to_string(),
-        })?;
+    pub fn resolve(&self, segment: &str) -> Result<Resolved, ResolveError> {
+        let target = parse_target(segment)?;
+        let app = self
+            .apps
+            .get(target.app.as_ref())
+            .ok_or_else(|| ResolveError::AppNotFound {
+                app: target.app.to_string(),
+            })?;
         match target.spec.pick(&app.versions, |v| &v.version) {
             Some(version) => Ok(Resolved {
                 app: app.clone(),
                 version: version.clone(),
             }),
-            None => Err(Error::VersionNotFound {
+            None => Err(ResolveError::VersionNotFound {
                 app: app.clone(),
                 spec: target.spec_text.map(|s| s.into_owned()),
             }),

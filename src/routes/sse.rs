@@ -13,8 +13,8 @@ use axum::response::{IntoResponse, Response};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{Metrics, SAMPLE_INTERVAL};
 use crate::error::Error;
+use crate::metrics::{Metrics, SAMPLE_INTERVAL};
 
 /// Seconds between frames unless `?interval=` says otherwise, and the bounds it may say.
 pub const DEFAULT_INTERVAL_SECS: u64 = 1;

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use tokio::runtime::{Handle, Runtime};
 
-use crate::worker::CallClock;
+use crate::backends::wasm::worker::CallClock;
 
 /// A call that computes this long without waiting on I/O is moved to the demoted lane.
 pub const DEMOTE_AFTER: Duration = Duration::from_millis(5);

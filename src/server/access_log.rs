@@ -8,7 +8,7 @@ use std::time::Instant;
 use axum::http::{Method, Version};
 use axum::response::Response;
 
-use crate::dispatch::Served;
+use crate::metrics::Served;
 
 /// Writes the access line for a response to a request that arrived at `start`.
 pub fn record(method: &Method, path: &str, http_version: Version, start: Instant, response: &Response) {

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use semver::Version;
 
 use super::{App, AppKind, AppVersion, Deployment, Snapshot};
-use crate::config::{WorkerConfig, CONFIG_FILE};
-use crate::proxy::Rules;
+use crate::deploy::config::{WorkerConfig, CONFIG_FILE};
+use crate::deploy::rules::Rules;
 
 /// App names longer than this are skipped: they are path segments, and no real app needs more.
 pub const MAX_APP_NAME_LEN: usize = 128;

@@ -1,7 +1,9 @@
-//! The `marina` command line: `serve`, `check` and `schema`.
+//! The `marina` command line: `serve`, `check` and `schema`, and how the process logs ([`logging`]).
 //!
 //! Every flag of `serve` can also come from the environment (`--port` or `PORT`), and every setting is checked
 //! before the port is bound, so a bad one fails at start with a message naming the flag, not on the first request.
+
+pub mod logging;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -10,13 +12,14 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::logging::{self, LogFormat};
-use crate::registry;
+use crate::deploy::registry;
+use crate::server::ServeOptions;
+use logging::LogFormat;
 
 pub const DEFAULT_APPS_DIR: &str = "./apps";
 pub const DEFAULT_HOST: &str = "127.0.0.1";
 pub const DEFAULT_PORT: u16 = 8080;
-pub use crate::pool::{DEFAULT_POOL_SIZE, DEFAULT_QUEUE_LIMIT};
+pub use crate::backends::wasm::pool::{DEFAULT_POOL_SIZE, DEFAULT_QUEUE_LIMIT};
 /// The pool reserves address space per slot, so the cap has a ceiling.
 pub const MAX_POOL_SIZE: usize = 10_000;
 pub const DEFAULT_LOG_LEVEL: &str = "info";
@@ -132,19 +135,13 @@ fn parse_shutdown_timeout(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
-/// `serve`'s settings once every one has been checked.
+/// `serve`'s settings once every one has been checked: where to listen, how to log, and how to serve.
 #[derive(Debug)]
 pub struct Settings {
-    pub apps_dir: PathBuf,
     pub addr: SocketAddr,
-    pub pool_size: usize,
-    pub queue_limit: usize,
-    pub cache_dir: Option<PathBuf>,
-    pub precompile: bool,
     pub log_format: LogFormat,
     pub log_filter: tracing_subscriber::EnvFilter,
-    pub shutdown_timeout: Duration,
-    pub request_metrics: bool,
+    pub serve: ServeOptions,
 }
 
 impl ServeArgs {
@@ -157,21 +154,25 @@ impl ServeArgs {
             .next()
             .ok_or_else(|| format!("--host {:?}: resolves to no address", self.host))?;
         let log_filter = logging::parse_filter(&self.log_level).map_err(|e| format!("--log-level: {e}"))?;
-        Ok(Settings {
-            apps_dir,
-            addr,
+        let cache_dir = match (self.no_cache, self.cache_dir) {
+            (true, _) => None,
+            (false, Some(dir)) => Some(dir),
+            (false, None) => Some(crate::backends::wasm::engine::default_cache_dir()),
+        };
+        let serve = ServeOptions {
             pool_size: self.pool_size,
             queue_limit: self.queue_limit,
-            cache_dir: match (self.no_cache, self.cache_dir) {
-                (true, _) => None,
-                (false, Some(dir)) => Some(dir),
-                (false, None) => Some(crate::engine::default_cache_dir()),
-            },
+            cache_dir,
             precompile: self.precompile,
+            drain_timeout: self.shutdown_timeout,
+            request_metrics: !self.no_request_metrics,
+            ..ServeOptions::new(apps_dir)
+        };
+        Ok(Settings {
+            addr,
             log_format: self.log_format,
             log_filter,
-            shutdown_timeout: self.shutdown_timeout,
-            request_metrics: !self.no_request_metrics,
+            serve,
         })
     }
 }
@@ -192,7 +193,7 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Check { dir } => check(&dir),
         Command::Schema => {
-            print!("{}", crate::config::schema_json());
+            print!("{}", crate::deploy::config::schema_json());
             ExitCode::SUCCESS
         }
     }
@@ -223,22 +224,11 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
         };
         match listener.local_addr() {
-            Ok(addr) => tracing::info!(apps_dir = %settings.apps_dir.display(), "listening on http://{addr}"),
+            Ok(addr) => tracing::info!(apps_dir = %settings.serve.apps_dir.display(), "listening on http://{addr}"),
             Err(error) => tracing::warn!(%error, "listening, but the bound address is unknown"),
         }
-        let shutdown = crate::lifecycle::shutdown_signal();
-        let options = crate::server::ServeOptions {
-            apps_dir: settings.apps_dir,
-            pool_size: settings.pool_size,
-            queue_limit: settings.queue_limit,
-            cache_dir: settings.cache_dir,
-            precompile: settings.precompile,
-            drain_timeout: settings.shutdown_timeout,
-            header_timeout: crate::server::HEADER_READ_TIMEOUT,
-            idle_timeout: crate::server::IDLE_TIMEOUT,
-            request_metrics: settings.request_metrics,
-        };
-        match crate::server::serve(listener, options, shutdown).await {
+        let shutdown = crate::server::signals::shutdown_signal();
+        match crate::server::serve(listener, settings.serve, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
                 tracing::error!(%error, "server failed");

@@ -11,8 +11,6 @@
 mod headers;
 // Public for the proxy benchmark's floor scenario (the pool behind a bare hyper server).
 pub mod http1;
-mod rules;
-pub(crate) mod stall;
 mod tls;
 mod websocket;
 
@@ -30,10 +28,25 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio_util::sync::CancellationToken;
 
-pub use rules::{Matched, Rule, Rules, Target};
-
+use crate::backends::stall;
+use crate::deploy::rules::{Matched, Rule};
 use crate::error::Error;
-use crate::server::ClientAddr;
+
+/// The client's address, in every request's extensions, with its IP as an `X-Forwarded-For` entry: made once per
+/// connection rather than formatted for every proxied request.
+#[derive(Debug, Clone)]
+pub struct ClientAddr {
+    pub addr: std::net::SocketAddr,
+    pub forwarded_for: http::HeaderValue,
+}
+
+impl ClientAddr {
+    pub fn new(addr: std::net::SocketAddr) -> ClientAddr {
+        let ip = addr.ip().to_string();
+        let forwarded_for = http::HeaderValue::try_from(ip).expect("an IP address is a valid header value");
+        ClientAddr { addr, forwarded_for }
+    }
+}
 
 /// How long connecting to an upstream may take (DNS and TCP; TLS is part of the rule's timeout).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -28,11 +28,11 @@ use std::time::{Duration, Instant};
 use lru::LruCache;
 use tokio::sync::{oneshot, OnceCell};
 
-use crate::engine::{Engine, Loaded};
-use crate::lanes::VersionMeter;
-use crate::metrics::workers::WorkerTable;
-use crate::registry::{Deployment, Snapshot};
-use crate::worker::{CallClock, Identity, LogLimiter, Worker};
+use crate::backends::wasm::engine::{Engine, Loaded};
+use crate::backends::wasm::lanes::VersionMeter;
+use crate::backends::wasm::status::WorkerTable;
+use crate::backends::wasm::worker::{CallClock, Identity, LogLimiter, Worker};
+use crate::deploy::registry::{Deployment, Snapshot};
 
 /// Default `POOL_SIZE`: live instances across all apps.
 pub const DEFAULT_POOL_SIZE: usize = 32;
@@ -153,7 +153,7 @@ pub struct PoolStats {
     pub peak: usize,
 }
 
-/// Counters kept by the pool (and, for how requests on its workers ended, by [`crate::invoke`]).
+/// Counters kept by the pool (and, for how requests on its workers ended, by [`crate::backends::wasm::invoke`]).
 #[derive(Debug, Default)]
 pub struct PoolCounters {
     pub created: AtomicU64,
@@ -562,7 +562,7 @@ impl Pool {
         for app in snapshot.apps.values() {
             for version in &app.versions {
                 if let Ok(deployment) = &version.deployment {
-                    if deployment.kind == crate::registry::AppKind::Wasm {
+                    if deployment.kind == crate::deploy::registry::AppKind::Wasm {
                         current.insert((app.name.clone(), version.version.to_string()), deployment.clone());
                     }
                 }

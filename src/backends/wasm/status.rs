@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use wasmtime::{ResourceLimiter, StoreLimits};
 
-use crate::worker::Identity;
+use crate::backends::wasm::worker::Identity;
 
 /// One worker, as the stats see it.
 #[derive(Debug)]

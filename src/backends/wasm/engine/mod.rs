@@ -18,8 +18,8 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 pub use cache::{default_cache_dir, Cache};
 
-use crate::lanes::Lanes;
-use crate::worker::WorkerState;
+use crate::backends::wasm::lanes::Lanes;
+use crate::backends::wasm::worker::WorkerState;
 
 /// How often the epoch advances. A guest yields to the scheduler at least this often, and a deadline is enforced
 /// to within about this much.
@@ -37,7 +37,7 @@ const MEMORY_KEEP_RESIDENT_BYTES: usize = 1024 * 1024;
 const TABLE_KEEP_RESIDENT_BYTES: usize = 64 * 1024;
 
 /// The largest linear memory a pooled slot can hold: the most `maxMemoryMb` allows.
-const POOLED_MEMORY_BYTES: usize = crate::config::MAX_MEMORY_MB_LIMIT as usize * 1024 * 1024;
+const POOLED_MEMORY_BYTES: usize = crate::deploy::config::MAX_MEMORY_MB_LIMIT as usize * 1024 * 1024;
 
 /// How the engine is built.
 #[derive(Debug, Clone)]

@@ -16,9 +16,9 @@ use percent_encoding::percent_decode_str;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
 
-use crate::config::CONFIG_FILE;
+use crate::deploy::config::CONFIG_FILE;
+use crate::deploy::registry::Deployment;
 use crate::error::Error;
-use crate::registry::Deployment;
 
 /// Dot-files are private (`.env`, `.git`) except this one, which exists to be public.
 const PUBLIC_DOT_DIR: &str = ".well-known";

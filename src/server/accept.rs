@@ -1,10 +1,9 @@
-//! The front server: the front door every request goes through ([`Front`]: limits, access line, metrics, then an
-//! app or an internal route), and the accept loop that serves it over HTTP/1.1 and HTTP/2 on one port.
+//! The accept loop: HTTP/1.1 and HTTP/2 on one port, with a connection limit, header and idle timeouts, and a
+//! bounded graceful drain.
 //!
-//! `run` takes a bound listener and a shutdown future (mini-redis's shape), so tests bind `127.0.0.1:0` and drive
-//! the same code the binary runs. The accept loop is hyper-util's auto connection (HTTP/1.1, or HTTP/2 when the
-//! client opens with the HTTP/2 preface) rather than `axum::serve`, because a host needs the knobs that one
-//! hides: connection limit, header size and read-timeout limits, and a bounded graceful drain.
+//! This is hyper-util's auto connection (HTTP/1.1, or HTTP/2 when the client opens with the HTTP/2 preface)
+//! rather than `axum::serve`, because a host needs the knobs that one hides: connection limit, header size and
+//! read-timeout limits, and a bounded graceful drain.
 //!
 //! hyper's own header timer is not enough against clients that connect and stall: the auto connection reads the
 //! first bytes (to tell HTTP/2's preface from HTTP/1.1) with no timer at all, and HTTP/2 has no handshake timer,
@@ -23,12 +22,9 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::Request;
-use axum::response::{IntoResponse, Response};
-use axum::Router;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -36,16 +32,10 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Sleep;
-use tower::ServiceExt;
 
-use crate::engine::{Engine, EngineSettings};
-use crate::error::Error;
-use crate::lifecycle::Lifecycle;
-use crate::metrics::Metrics;
-use crate::pool::{Pool, DEFAULT_POOL_SIZE, DEFAULT_QUEUE_LIMIT};
-use crate::proxy::Upstreams;
-use crate::registry::{Registry, Watcher};
-use crate::{access_log, dispatch, internal};
+use crate::backends::proxy::ClientAddr;
+use crate::routes::AppState;
+use crate::server::front::Front;
 
 /// Open connections beyond this wait in the kernel's accept queue until one closes.
 pub const MAX_CONNECTIONS: usize = 10_000;
@@ -69,119 +59,8 @@ const IDLE_CHECKS: u32 = 4;
 const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(1);
 /// Concurrent streams one HTTP/2 connection may open.
 pub const MAX_CONCURRENT_STREAMS: u32 = 256;
-/// Request targets longer than this answer 414: no app needs more, and every log line carries the path.
-pub const MAX_URI_BYTES: usize = 8 * 1024;
 /// After a failed `accept` (e.g. out of file descriptors), wait this long before the next, instead of spinning.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
-
-/// What every handler shares: cheap to clone.
-#[derive(Clone)]
-pub struct AppState {
-    pub registry: Arc<Registry>,
-    pub lifecycle: Arc<Lifecycle>,
-    pub pool: Arc<Pool>,
-    pub upstreams: Arc<Upstreams>,
-    pub metrics: Arc<Metrics>,
-}
-
-/// The client's address, in every request's extensions, with its IP as an `X-Forwarded-For` entry: made once per
-/// connection rather than formatted for every proxied request.
-#[derive(Debug, Clone)]
-pub struct ClientAddr {
-    pub addr: std::net::SocketAddr,
-    pub forwarded_for: http::HeaderValue,
-}
-
-impl ClientAddr {
-    pub fn new(addr: std::net::SocketAddr) -> ClientAddr {
-        let ip = addr.ip().to_string();
-        let forwarded_for = http::HeaderValue::try_from(ip).expect("an IP address is a valid header value");
-        ClientAddr { addr, forwarded_for }
-    }
-}
-
-/// How `serve` runs: everything the CLI's flags decide.
-#[derive(Debug, Clone)]
-pub struct ServeOptions {
-    pub apps_dir: std::path::PathBuf,
-    /// Live instances across all apps (`POOL_SIZE`).
-    pub pool_size: usize,
-    /// Requests that may wait for a worker at once (`--queue-limit`).
-    pub queue_limit: usize,
-    /// Where compiled components are cached; `None` compiles in memory.
-    pub cache_dir: Option<std::path::PathBuf>,
-    /// Compile every component before reporting ready.
-    pub precompile: bool,
-    /// How long in-flight requests may take to finish at shutdown.
-    pub drain_timeout: Duration,
-    /// How long a new connection has to get its first request's head in ([`HEADER_READ_TIMEOUT`]).
-    pub header_timeout: Duration,
-    /// How long a connection may go with no request in progress ([`IDLE_TIMEOUT`]).
-    pub idle_timeout: Duration,
-    /// Count and time every request (off only to measure what that costs; pool metrics are always kept).
-    pub request_metrics: bool,
-}
-
-impl ServeOptions {
-    /// Defaults for `apps_dir`: the default pool and queue, no disk cache, lazy compilation, a 30 s drain, and the
-    /// connection timeouts of the constants above.
-    pub fn new(apps_dir: impl Into<std::path::PathBuf>) -> ServeOptions {
-        ServeOptions {
-            apps_dir: apps_dir.into(),
-            pool_size: DEFAULT_POOL_SIZE,
-            queue_limit: DEFAULT_QUEUE_LIMIT,
-            cache_dir: None,
-            precompile: false,
-            drain_timeout: Duration::from_secs(30),
-            header_timeout: HEADER_READ_TIMEOUT,
-            idle_timeout: IDLE_TIMEOUT,
-            request_metrics: true,
-        }
-    }
-}
-
-/// The whole HTTP surface: internal routes under `/_/`, and every other path dispatched to an app.
-#[derive(Clone)]
-pub struct Front {
-    state: AppState,
-    /// The internal routes: every path that is `/_` or starts with `/_/` (no app name starts with `_`).
-    internal: Router,
-}
-
-impl Front {
-    pub fn new(state: AppState) -> Front {
-        let internal = internal::routes().with_state(state.clone());
-        Front { state, internal }
-    }
-
-    /// What every request goes through: targets over the length limit are refused, every response gets its
-    /// access line, and responses from apps are counted and timed. App paths go straight to the dispatcher rather
-    /// than through the router to its fallback: the router's boxed futures, layer by layer, cost a proxied request
-    /// measurably.
-    pub async fn handle(&self, request: Request) -> Response {
-        let start = Instant::now();
-        let method = request.method().clone();
-        // For the access line, after the request has moved on (a shared buffer: the clone copies nothing).
-        let uri = request.uri().clone();
-        let path = uri.path();
-        let http_version = request.version();
-        let len = uri.path_and_query().map_or(0, |pq| pq.as_str().len());
-        let response = if len > MAX_URI_BYTES {
-            Error::UriTooLong {
-                len,
-                limit: MAX_URI_BYTES,
-            }
-            .into_response()
-        } else if path == "/_" || path.starts_with("/_/") {
-            let routed = self.internal.clone().oneshot(request).await;
-            routed.unwrap_or_else(|never| match never {})
-        } else {
-            dispatch::handle(&self.state, request).await
-        };
-        access_log::record(&method, path, http_version, start, &response);
-        self.state.metrics.observe(start, response)
-    }
-}
 
 /// The clocks `run` keeps on every connection; `serve` takes them from [`ServeOptions`].
 #[derive(Debug, Clone, Copy)]
@@ -449,76 +328,4 @@ impl Watchdog {
             }
         }
     }
-}
-
-/// Serves the apps in `options.apps_dir` on `listener` until `shutdown` resolves.
-///
-/// The listener is already bound, so the port answers at once: `/_/health` is 200 and `/_/ready` is 503 until the
-/// first scan of APPS_DIR is done (and, with `precompile`, every component compiled). The watcher starts before
-/// that scan, so nothing changed meanwhile is missed.
-pub async fn serve(
-    listener: TcpListener,
-    options: ServeOptions,
-    shutdown: impl Future<Output = ()>,
-) -> std::io::Result<()> {
-    let engine = Engine::new(&EngineSettings {
-        pool_size: options.pool_size,
-        cache_dir: options.cache_dir.clone(),
-    })
-    .map_err(|e| std::io::Error::other(format!("cannot start the WebAssembly engine: {e:#}")))?;
-    let pool = Arc::new(Pool::new(Arc::new(engine), options.pool_size, options.queue_limit));
-    pool.spawn_reaper();
-    let metrics = Arc::new(Metrics::new(pool.clone(), options.request_metrics));
-    metrics.spawn_sampler();
-    let state = AppState {
-        registry: Arc::new(Registry::new(options.apps_dir.clone())),
-        lifecycle: Arc::new(Lifecycle::default()),
-        pool: pool.clone(),
-        upstreams: Arc::new(Upstreams::new()),
-        metrics,
-    };
-    let loader = {
-        let state = state.clone();
-        let precompile = options.precompile;
-        tokio::spawn(async move {
-            let registry = state.registry.clone();
-            let (watcher, loaded) = tokio::task::spawn_blocking(move || {
-                let watcher = Watcher::start(registry.clone())
-                    .map_err(|error| tracing::warn!(%error, "cannot watch the apps directory; hot reload is off"))
-                    .ok();
-                (watcher, registry.reload_all())
-            })
-            .await
-            .expect("the initial scan does not panic");
-            let mut changes = state.registry.subscribe();
-            changes.mark_unchanged();
-            for task in state.pool.sync(&state.registry.snapshot(), precompile) {
-                let _ = task.await;
-            }
-            // Ready first, then say so: whoever waits for the log line must find the server ready.
-            state.lifecycle.set_ready();
-            match loaded {
-                Ok(()) => tracing::info!(apps = state.registry.snapshot().apps.len(), "apps loaded; ready"),
-                Err(error) => tracing::error!(%error, "cannot read the apps directory; ready, serving no apps"),
-            }
-            // Versions added or changed from now on compile in the background, before their first request.
-            while changes.changed().await.is_ok() {
-                let snapshot = state.registry.snapshot();
-                state.pool.sync(&snapshot, true);
-                state.metrics.retain(&snapshot);
-            }
-            drop(watcher);
-        })
-    };
-    let timeouts = Timeouts {
-        header: options.header_timeout,
-        idle: options.idle_timeout,
-        drain: options.drain_timeout,
-    };
-    let result = run(listener, state, shutdown, timeouts).await;
-    // Stop following changes (dropping the watcher), and drop warm workers before the engine goes.
-    loader.abort();
-    let _ = loader.await;
-    pool.clear();
-    result
 }

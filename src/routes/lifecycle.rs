@@ -1,4 +1,4 @@
-//! Where the server is in its life (loading, ready, draining), and the OS signals that end it.
+//! Where the server is in its life: loading, ready, draining.
 //!
 //! Readiness is a separate question from liveness: a load balancer should stop sending traffic while the apps are
 //! still being scanned and once a drain has begun, but the process is alive throughout.
@@ -52,34 +52,6 @@ impl Lifecycle {
 
     pub fn set_draining(&self) {
         self.phase.store(Phase::Draining as u8, Ordering::Release);
-    }
-}
-
-/// Resolves on the first SIGINT or SIGTERM (Ctrl-C elsewhere).
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::error!(%error, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => tracing::info!("SIGINT received"),
-        _ = terminate => tracing::info!("SIGTERM received"),
     }
 }
 

@@ -11,11 +11,12 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::deploy::registry::{App, AppVersion};
 use crate::error::Error;
-use crate::lifecycle::Phase;
 use crate::metrics;
-use crate::registry::{App, AppVersion};
-use crate::server::AppState;
+use crate::routes::lifecycle::Phase;
+use crate::routes::sse;
+use crate::routes::AppState;
 
 /// Shown instead of `env` values in `/_/deployments`: they are often secrets, and the listing is unauthenticated.
 pub const REDACTED: &str = "<redacted>";
@@ -96,8 +97,8 @@ async fn stats(State(state): State<AppState>) -> Json<Value> {
 /// `/_/sse`: the stats every `interval` seconds as server-sent events.
 async fn sse(State(state): State<AppState>, query: Result<Query<SseQuery>, QueryRejection>) -> Result<Response, Error> {
     let query = query.map_err(|e| Error::BadQuery(e.body_text()))?.0;
-    let every = metrics::sse::interval(query.interval.as_deref())?;
-    metrics::sse::stream(&state.metrics, every)
+    let every = sse::interval(query.interval.as_deref())?;
+    sse::stream(&state.metrics, every)
 }
 
 #[derive(Debug, Deserialize)]
@@ -124,7 +125,7 @@ async fn dashboard() -> Response {
         .into_response()
 }
 
-const DASHBOARD: &str = include_str!("metrics/dashboard.html");
+const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// A policy that lets the page run exactly its own inline script and style (by hash) and talk only to this
 /// origin: nothing injected into it could run, and no other site may frame it.

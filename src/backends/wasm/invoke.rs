@@ -1,7 +1,7 @@
 //! Running one request on a worker: the deadline, the body limit, and what a trap, a timeout or a response that
 //! never comes becomes.
 //!
-//! The front never runs guest code. It hands the call to the guest lanes ([`crate::lanes`]) and waits for the
+//! The front never runs guest code. It hands the call to the guest lanes ([`crate::backends::wasm::lanes`]) and waits for the
 //! response head, at most until the request's deadline: the `timeout` covers everything before the head leaves
 //! (waiting for a worker, instantiating it, the handler, the wait for `response-outparam::set`). The call, on
 //! the lane, takes a worker, runs the handler, passes the head on as soon as the guest sets it, and keeps
@@ -32,10 +32,10 @@ use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::WasiHttpView;
 
+use crate::backends::stall::StallTimeout;
+use crate::backends::wasm::pool::{AcquireError, Lease, Pool, VersionRuntime};
+use crate::backends::wasm::worker::CallClock;
 use crate::error::Error;
-use crate::pool::{AcquireError, Lease, Pool, VersionRuntime};
-use crate::proxy::stall::StallTimeout;
-use crate::worker::CallClock;
 
 /// How long the response head waits for the call to end (its body gathered meanwhile) before it leaves with
 /// whatever body is there: a small response then goes out in one write with its head, and only once its worker is
@@ -566,7 +566,7 @@ impl http_body::Body for GuestBody {
                     this.link.end_body(BodyEnd::Complete);
                 }
                 Poll::Ready(Some(Err(error))) => {
-                    let stalled = error.is::<crate::proxy::stall::Stalled>();
+                    let stalled = error.is::<crate::backends::stall::Stalled>();
                     this.link
                         .end_body(if stalled { BodyEnd::Stalled } else { BodyEnd::Cut });
                     return Poll::Ready(Some(Err(error)));

@@ -4,7 +4,7 @@
 use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
 
-use super::rules::Target;
+use crate::deploy::rules::Target;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus `Proxy-Connection`, which old
 /// clients still send. Names, not strings: a string would be parsed into a name on every request. A `static`, not

@@ -19,8 +19,8 @@ use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
-use crate::metrics::workers::{MeteredLimits, Registration, WorkerStatus, WorkerTable};
-use crate::registry::Deployment;
+use crate::backends::wasm::status::{MeteredLimits, Registration, WorkerStatus, WorkerTable};
+use crate::deploy::registry::Deployment;
 
 /// The longest guest output line logged whole; longer lines are cut, so one line cannot hold much memory.
 pub const MAX_LOG_LINE_BYTES: usize = 4096;

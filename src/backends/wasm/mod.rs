@@ -1,0 +1,10 @@
+//! Requests served by WebAssembly components, from the top down: [`invoke`] runs one request on a worker,
+//! [`pool`] bounds and reuses the workers, [`engine`] compiles and instantiates, [`lanes`] are the threads guest
+//! code runs on, [`worker`] is one isolated instance, and [`status`] is the board every worker reports to.
+
+pub mod engine;
+pub mod invoke;
+pub mod lanes;
+pub mod pool;
+pub mod status;
+pub mod worker;

@@ -1,0 +1,51 @@
+//! What the server answers: every request for an app ([`apps`]), and the host's own routes under `/_/`
+//! ([`internal`], with the live stream in [`sse`]). Both read the same [`AppState`].
+
+pub mod apps;
+pub mod internal;
+pub mod lifecycle;
+pub mod sse;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::backends::proxy::Upstreams;
+use crate::backends::wasm::engine::{Engine, EngineSettings};
+use crate::backends::wasm::pool::Pool;
+use crate::deploy::registry::Registry;
+use crate::metrics::Metrics;
+use lifecycle::Lifecycle;
+
+/// What every handler shares: cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub registry: Arc<Registry>,
+    pub lifecycle: Arc<Lifecycle>,
+    pub pool: Arc<Pool>,
+    pub upstreams: Arc<Upstreams>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl AppState {
+    /// The state for serving `apps_dir`, still loading and with nothing scanned yet: the engine, a pool of
+    /// `engine.pool_size` workers with `queue_limit` waiting places, and the metrics over it (with
+    /// `request_metrics` false, requests go uncounted). No background task is started: the server starts the
+    /// reaper, the sampler and the loader.
+    pub fn new(
+        apps_dir: impl Into<PathBuf>,
+        engine: &EngineSettings,
+        queue_limit: usize,
+        request_metrics: bool,
+    ) -> anyhow::Result<AppState> {
+        let pool_size = engine.pool_size;
+        let engine = Arc::new(Engine::new(engine)?);
+        let pool = Arc::new(Pool::new(engine, pool_size, queue_limit));
+        Ok(AppState {
+            registry: Arc::new(Registry::new(apps_dir.into())),
+            lifecycle: Arc::new(Lifecycle::default()),
+            metrics: Arc::new(Metrics::new(pool.clone(), request_metrics)),
+            pool,
+            upstreams: Arc::new(Upstreams::new()),
+        })
+    }
+}
