@@ -17,7 +17,7 @@ use tokio::time::{Instant, Sleep};
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// `inner`, ended with an error when it has kept the reader waiting for `limit`.
-pub struct StallTimeout<B> {
+pub(crate) struct StallTimeout<B> {
     inner: B,
     /// `None`: never cut.
     limit: Option<Duration>,
@@ -28,12 +28,12 @@ pub struct StallTimeout<B> {
 }
 
 impl<B> StallTimeout<B> {
-    pub fn new(inner: B, limit: Duration) -> StallTimeout<B> {
+    pub(crate) fn new(inner: B, limit: Duration) -> StallTimeout<B> {
         StallTimeout::optional(inner, Some(limit))
     }
 
     /// `inner`, cut after `limit` if there is one.
-    pub fn optional(inner: B, limit: Option<Duration>) -> StallTimeout<B> {
+    pub(crate) fn optional(inner: B, limit: Option<Duration>) -> StallTimeout<B> {
         StallTimeout {
             inner,
             limit,
@@ -46,7 +46,7 @@ impl<B> StallTimeout<B> {
 /// The error a stalled body ends with.
 #[derive(Debug, thiserror::Error)]
 #[error("the response body sent nothing for {0:?}; it was cut off")]
-pub struct Stalled(Duration);
+pub(crate) struct Stalled(Duration);
 
 impl<B> Body for StallTimeout<B>
 where

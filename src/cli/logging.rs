@@ -7,20 +7,20 @@ use tracing_subscriber::EnvFilter;
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     Pretty,
     Json,
 }
 
 /// Parses a level or filter (`info`, `marina=debug,hyper=warn`), so a bad one is refused before anything starts.
-pub fn parse_filter(level: &str) -> Result<EnvFilter, String> {
+pub(crate) fn parse_filter(level: &str) -> Result<EnvFilter, String> {
     EnvFilter::builder()
         .parse(level)
         .map_err(|e| format!("invalid log level {level:?}: {e}"))
 }
 
 /// Installs the global subscriber. Logs go to stderr; stdout is left for what a command prints.
-pub fn init(format: LogFormat, filter: EnvFilter) {
+pub(crate) fn init(format: LogFormat, filter: EnvFilter) {
     // Colour codes only where a person is looking; a file or a pipe gets plain text.
     let ansi = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()

@@ -3,7 +3,7 @@
 //! Every flag of `serve` can also come from the environment (`--port` or `PORT`), and every setting is checked
 //! before the port is bound, so a bad one fails at start with a message naming the flag, not on the first request.
 
-pub mod logging;
+pub(crate) mod logging;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -16,18 +16,18 @@ use crate::deploy::registry;
 use crate::server::ServeOptions;
 use logging::LogFormat;
 
-pub const DEFAULT_APPS_DIR: &str = "./apps";
-pub const DEFAULT_HOST: &str = "127.0.0.1";
-pub const DEFAULT_PORT: u16 = 8080;
-pub use crate::backends::wasm::pool::{DEFAULT_POOL_SIZE, DEFAULT_QUEUE_LIMIT};
+pub(crate) const DEFAULT_APPS_DIR: &str = "./apps";
+pub(crate) const DEFAULT_HOST: &str = "127.0.0.1";
+pub(crate) const DEFAULT_PORT: u16 = 8080;
+pub(crate) use crate::backends::wasm::pool::{DEFAULT_POOL_SIZE, DEFAULT_QUEUE_LIMIT};
 /// The pool reserves address space per slot, so the cap has a ceiling.
-pub const MAX_POOL_SIZE: usize = 10_000;
-pub const DEFAULT_LOG_LEVEL: &str = "info";
-pub const DEFAULT_SHUTDOWN_TIMEOUT: &str = "30s";
+pub(crate) const MAX_POOL_SIZE: usize = 10_000;
+pub(crate) const DEFAULT_LOG_LEVEL: &str = "info";
+pub(crate) const DEFAULT_SHUTDOWN_TIMEOUT: &str = "30s";
 /// The longest wait queue accepted: each waiter is a small allocation, but a queue this long is already a outage.
-pub const MAX_QUEUE_LIMIT: usize = 1_000_000;
+pub(crate) const MAX_QUEUE_LIMIT: usize = 1_000_000;
 /// A drain longer than this is a misconfiguration, not a wish.
-pub const MAX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3600);
+pub(crate) const MAX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Exit code for settings that are wrong (as clap uses for bad flags).
 const EXIT_USAGE: u8 = 2;
@@ -38,13 +38,13 @@ const EXIT_USAGE: u8 = 2;
     version,
     about = "Hosts versioned WebAssembly and static apps from a directory."
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Serve every app in the apps directory at /<app>@<version>/.
     Serve(ServeArgs),
     /// Check an apps directory: every version's config and entrypoint. Exits non-zero if any is invalid.
@@ -58,44 +58,44 @@ pub enum Command {
 }
 
 #[derive(Debug, Args)]
-pub struct ServeArgs {
+pub(crate) struct ServeArgs {
     /// The directory holding <app>/<version>/ folders.
     #[arg(long, env = "APPS_DIR", default_value = DEFAULT_APPS_DIR)]
-    pub apps_dir: PathBuf,
+    pub(crate) apps_dir: PathBuf,
     /// The address to listen on (an IP address or a host name).
     #[arg(long, env = "HOST", default_value = DEFAULT_HOST)]
-    pub host: String,
+    pub(crate) host: String,
     /// The port to listen on; 0 picks a free one (the address is logged).
     #[arg(long, env = "PORT", default_value_t = DEFAULT_PORT)]
-    pub port: u16,
+    pub(crate) port: u16,
     /// The most WASM instances alive at once, across all apps.
     #[arg(long, env = "POOL_SIZE", default_value_t = DEFAULT_POOL_SIZE, value_parser = parse_pool_size)]
-    pub pool_size: usize,
+    pub(crate) pool_size: usize,
     /// Requests that may wait for a busy pool at once; beyond it they get 503 with Retry-After. 0 disables waiting.
     #[arg(long, env = "QUEUE_LIMIT", default_value_t = DEFAULT_QUEUE_LIMIT, value_parser = parse_queue_limit)]
-    pub queue_limit: usize,
+    pub(crate) queue_limit: usize,
     /// Where compiled components are cached between runs [default: $XDG_CACHE_HOME/marina/components or
     /// ~/.cache/marina/components].
     #[arg(long, env = "MARINA_CACHE_DIR")]
-    pub cache_dir: Option<PathBuf>,
+    pub(crate) cache_dir: Option<PathBuf>,
     /// Do not cache compiled components on disk.
     #[arg(long, conflicts_with = "cache_dir")]
-    pub no_cache: bool,
+    pub(crate) no_cache: bool,
     /// Compile every component before reporting ready, so no first request waits for a compile.
     #[arg(long, env = "PRECOMPILE")]
-    pub precompile: bool,
+    pub(crate) precompile: bool,
     /// How log lines are written.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
-    pub log_format: LogFormat,
+    pub(crate) log_format: LogFormat,
     /// A level (`info`, `debug`) or a filter (`marina=debug,hyper=warn`).
     #[arg(long, env = "LOG_LEVEL", default_value = DEFAULT_LOG_LEVEL)]
-    pub log_level: String,
+    pub(crate) log_level: String,
     /// How long a shutdown waits for in-flight requests (`30s`, `500ms`, or seconds).
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = DEFAULT_SHUTDOWN_TIMEOUT, value_parser = parse_shutdown_timeout)]
-    pub shutdown_timeout: Duration,
+    pub(crate) shutdown_timeout: Duration,
     /// Do not count or time requests (pool metrics stay); only for measuring what request metrics cost.
     #[arg(long, env = "NO_REQUEST_METRICS")]
-    pub no_request_metrics: bool,
+    pub(crate) no_request_metrics: bool,
 }
 
 fn parse_pool_size(text: &str) -> Result<usize, String> {
@@ -137,16 +137,16 @@ fn parse_shutdown_timeout(text: &str) -> Result<Duration, String> {
 
 /// `serve`'s settings once every one has been checked: where to listen, how to log, and how to serve.
 #[derive(Debug)]
-pub struct Settings {
-    pub addr: SocketAddr,
-    pub log_format: LogFormat,
-    pub log_filter: tracing_subscriber::EnvFilter,
-    pub serve: ServeOptions,
+pub(crate) struct Settings {
+    pub(crate) addr: SocketAddr,
+    pub(crate) log_format: LogFormat,
+    pub(crate) log_filter: tracing_subscriber::EnvFilter,
+    pub(crate) serve: ServeOptions,
 }
 
 impl ServeArgs {
     /// Checks what clap cannot: that the directory exists and the host resolves and the log filter parses.
-    pub fn validate(self) -> Result<Settings, String> {
+    pub(crate) fn validate(self) -> Result<Settings, String> {
         let apps_dir = canonical_dir(&self.apps_dir, "--apps-dir")?;
         let addr = (self.host.as_str(), self.port)
             .to_socket_addrs()

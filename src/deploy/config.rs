@@ -14,29 +14,29 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 /// The file name Marina looks for in every version directory.
-pub const CONFIG_FILE: &str = "worker.config.json";
+pub(crate) const CONFIG_FILE: &str = "worker.config.json";
 
 /// Default request deadline, in seconds.
-pub const DEFAULT_TIMEOUT_SECS: u64 = 30;
+pub(crate) const DEFAULT_TIMEOUT_SECS: u64 = 30;
 /// Default worker lifetime, in seconds; 0 means a fresh worker per request.
-pub const DEFAULT_TTL_SECS: u64 = 0;
+pub(crate) const DEFAULT_TTL_SECS: u64 = 0;
 /// Default time an idle worker is kept, in seconds.
-pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 60;
+pub(crate) const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 60;
 /// Default number of requests a worker serves before it is recycled.
-pub const DEFAULT_MAX_REQUESTS: u64 = 1000;
+pub(crate) const DEFAULT_MAX_REQUESTS: u64 = 1000;
 /// Default cap on one worker's linear memory, in MiB.
-pub const DEFAULT_MAX_MEMORY_MB: u64 = 128;
+pub(crate) const DEFAULT_MAX_MEMORY_MB: u64 = 128;
 /// The memory cap, in MiB, of a `lowMemory` app that sets no `maxMemoryMb`.
-pub const LOW_MEMORY_MAX_MEMORY_MB: u64 = 32;
+pub(crate) const LOW_MEMORY_MAX_MEMORY_MB: u64 = 32;
 /// The largest `maxMemoryMb` accepted: a 32-bit linear memory cannot grow past 4 GiB anyway.
 pub const MAX_MEMORY_MB_LIMIT: u64 = 4096;
 /// Default limit on a request body sent to a worker, in bytes (32 MiB).
-pub const DEFAULT_MAX_BODY_SIZE: u64 = 32 * 1024 * 1024;
+pub(crate) const DEFAULT_MAX_BODY_SIZE: u64 = 32 * 1024 * 1024;
 /// The longest `timeout` accepted (an app's or a proxy rule's), in seconds: a year. A deadline is an instant, and
 /// one too far ahead cannot be represented (`arrived + timeout` would overflow and panic); `0` means none.
 pub const MAX_TIMEOUT_SECS: u64 = 365 * 24 * 60 * 60;
 /// A config file larger than this is rejected unread: no honest config comes near it.
-pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+pub(crate) const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
 /// The settings of one app version, as written in its `worker.config.json`.
 ///
@@ -219,7 +219,7 @@ fn default_secure() -> bool {
 pub struct ProxyRules(pub Vec<ProxyRule>);
 
 impl ProxyRules {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 }
@@ -296,7 +296,7 @@ impl ConfigError {
 
 impl WorkerConfig {
     /// Reads a version's config file; a missing file means the defaults.
-    pub fn load(version_dir: &Path) -> Result<WorkerConfig, ConfigError> {
+    pub(crate) fn load(version_dir: &Path) -> Result<WorkerConfig, ConfigError> {
         let path = version_dir.join(CONFIG_FILE);
         let meta = match std::fs::metadata(&path) {
             Ok(meta) => meta,
@@ -353,7 +353,7 @@ impl WorkerConfig {
     }
 
     /// The cap on one worker's linear memory, in bytes.
-    pub fn memory_cap_bytes(&self) -> u64 {
+    pub(crate) fn memory_cap_bytes(&self) -> u64 {
         let mb = self.max_memory_mb.unwrap_or(if self.low_memory {
             LOW_MEMORY_MAX_MEMORY_MB
         } else {
@@ -411,7 +411,7 @@ impl WorkerConfig {
 }
 
 /// The JSON schema of `worker.config.json`, pretty-printed with a trailing newline, as committed at the repo root.
-pub fn schema_json() -> String {
+pub(crate) fn schema_json() -> String {
     let schema = schemars::schema_for!(WorkerConfig);
     let mut text = serde_json::to_string_pretty(&schema).expect("a schema always serializes");
     text.push('\n');

@@ -14,33 +14,33 @@ pub struct Rules(Vec<Rule>);
 
 /// One compiled rule.
 #[derive(Debug, Clone)]
-pub struct Rule {
+pub(crate) struct Rule {
     /// Its position in the file, for messages.
-    pub index: usize,
-    pub pattern: Regex,
-    pub target: Target,
-    pub rewrite: Option<String>,
-    pub change_origin: bool,
-    pub secure: bool,
-    pub headers: HeaderMap,
+    pub(crate) index: usize,
+    pub(crate) pattern: Regex,
+    pub(crate) target: Target,
+    pub(crate) rewrite: Option<String>,
+    pub(crate) change_origin: bool,
+    pub(crate) secure: bool,
+    pub(crate) headers: HeaderMap,
     /// How long the upstream may take to answer; `None` waits as long as it takes.
-    pub timeout: Option<Duration>,
+    pub(crate) timeout: Option<Duration>,
 }
 
 /// Where a rule forwards to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
+pub(crate) struct Target {
     /// `http` or `https`.
-    pub scheme: http::uri::Scheme,
-    pub authority: http::uri::Authority,
+    pub(crate) scheme: http::uri::Scheme,
+    pub(crate) authority: http::uri::Authority,
     /// The target URL's path without its trailing `/` (empty for a bare origin): prefixed to every forwarded path.
-    pub prefix: String,
+    pub(crate) prefix: String,
     /// The authority as a `Host` value, made once rather than on every `changeOrigin` request.
-    pub host: HeaderValue,
+    pub(crate) host: HeaderValue,
 }
 
 impl Target {
-    pub fn new(scheme: http::uri::Scheme, authority: http::uri::Authority, prefix: String) -> Target {
+    pub(crate) fn new(scheme: http::uri::Scheme, authority: http::uri::Authority, prefix: String) -> Target {
         let host = HeaderValue::from_str(authority.as_str()).expect("an authority is a valid header value");
         Target {
             scheme,
@@ -51,12 +51,12 @@ impl Target {
     }
 
     /// The origin as a browser writes it, for `Origin` with `changeOrigin`.
-    pub fn origin(&self) -> String {
+    pub(crate) fn origin(&self) -> String {
         format!("{}://{}", self.scheme, self.authority)
     }
 
     /// The URL for `path` (which starts with `/`) and `query` on this target.
-    pub fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+    pub(crate) fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
         let query_len = query.map_or(0, |query| query.len() + 1);
         let mut path_and_query = String::with_capacity(self.prefix.len() + path.len() + query_len);
         path_and_query.push_str(&self.prefix);
@@ -76,13 +76,13 @@ impl Target {
 /// A request a rule took: the rule, and the path to forward (before the target's prefix, without the query).
 #[derive(Debug)]
 pub struct Matched<'a> {
-    pub rule: &'a Rule,
+    pub(crate) rule: &'a Rule,
     pub path: String,
 }
 
 impl Rule {
     /// How the rule is named in errors: its position and pattern.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         format!("proxy[{}] ({:?})", self.index, self.pattern.as_str())
     }
 }

@@ -12,11 +12,11 @@ const STEPS: [u64; 11] = [10, 12, 15, 20, 25, 30, 40, 50, 60, 70, 80];
 /// Decades covered, from 1 µs (1 µs .. 8 µs is the first).
 const DECADES: usize = 8;
 /// Upper bounds, in nanoseconds, of every bucket but the last (which has none).
-pub const BOUNDS: usize = STEPS.len() * DECADES + 1;
-pub const BUCKETS: usize = BOUNDS + 1;
+pub(crate) const BOUNDS: usize = STEPS.len() * DECADES + 1;
+pub(crate) const BUCKETS: usize = BOUNDS + 1;
 
 /// The bucket bounds in nanoseconds: 1 µs, 1.2 µs, 1.5 µs ... 80 s, 100 s.
-pub const BOUNDS_NS: [u64; BOUNDS] = bounds();
+pub(crate) const BOUNDS_NS: [u64; BOUNDS] = bounds();
 
 const fn bounds() -> [u64; BOUNDS] {
     let mut bounds = [0; BOUNDS];
@@ -36,7 +36,7 @@ const fn bounds() -> [u64; BOUNDS] {
 }
 
 /// A histogram that many threads record into at once.
-pub struct Histogram {
+pub(crate) struct Histogram {
     buckets: Box<[AtomicU64]>,
     sum_ns: AtomicU64,
 }
@@ -51,7 +51,7 @@ impl Default for Histogram {
 }
 
 impl Histogram {
-    pub fn record(&self, elapsed: Duration) {
+    pub(crate) fn record(&self, elapsed: Duration) {
         let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
         let bucket = BOUNDS_NS.partition_point(|&bound| bound < ns);
         self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
@@ -59,7 +59,7 @@ impl Histogram {
     }
 
     /// Adds counts taken from another histogram (a retired version's, folded into the retired total).
-    pub fn absorb(&self, counts: &Counts) {
+    pub(crate) fn absorb(&self, counts: &Counts) {
         for (bucket, count) in self.buckets.iter().zip(&counts.buckets) {
             bucket.fetch_add(*count, Ordering::Relaxed);
         }
@@ -67,7 +67,7 @@ impl Histogram {
     }
 
     /// The counts so far. Writers are not stopped, so a count and the sum may be one request apart.
-    pub fn counts(&self) -> Counts {
+    pub(crate) fn counts(&self) -> Counts {
         Counts {
             buckets: self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect(),
             sum_ns: self.sum_ns.load(Ordering::Relaxed),
@@ -77,10 +77,10 @@ impl Histogram {
 
 /// A histogram's counts at one moment (or the difference between two moments).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Counts {
+pub(crate) struct Counts {
     /// Per bucket, not cumulative.
-    pub buckets: Vec<u64>,
-    pub sum_ns: u64,
+    pub(crate) buckets: Vec<u64>,
+    pub(crate) sum_ns: u64,
 }
 
 impl Default for Counts {
@@ -93,12 +93,12 @@ impl Default for Counts {
 }
 
 impl Counts {
-    pub fn count(&self) -> u64 {
+    pub(crate) fn count(&self) -> u64 {
         self.buckets.iter().sum()
     }
 
     /// What was recorded after `earlier`.
-    pub fn since(&self, earlier: &Counts) -> Counts {
+    pub(crate) fn since(&self, earlier: &Counts) -> Counts {
         Counts {
             buckets: self
                 .buckets
@@ -110,7 +110,7 @@ impl Counts {
         }
     }
 
-    pub fn add(&mut self, other: &Counts) {
+    pub(crate) fn add(&mut self, other: &Counts) {
         for (mine, theirs) in self.buckets.iter_mut().zip(&other.buckets) {
             *mine += theirs;
         }
@@ -118,7 +118,7 @@ impl Counts {
     }
 
     /// The `q` quantile (0..=1) in seconds, interpolated within its bucket; `None` when nothing was recorded.
-    pub fn quantile(&self, q: f64) -> Option<f64> {
+    pub(crate) fn quantile(&self, q: f64) -> Option<f64> {
         let total = self.count();
         if total == 0 {
             return None;
@@ -138,13 +138,13 @@ impl Counts {
         None
     }
 
-    pub fn mean(&self) -> Option<f64> {
+    pub(crate) fn mean(&self) -> Option<f64> {
         let count = self.count();
         (count > 0).then(|| self.sum_ns as f64 / count as f64 / 1e9)
     }
 
     /// How many recordings were at most `bound_ns` (which must be one of [`BOUNDS_NS`]).
-    pub fn at_most(&self, bound_ns: u64) -> u64 {
+    pub(crate) fn at_most(&self, bound_ns: u64) -> u64 {
         let last = BOUNDS_NS.partition_point(|&bound| bound <= bound_ns);
         self.buckets[..last].iter().sum()
     }

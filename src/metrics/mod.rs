@@ -7,9 +7,9 @@
 //! [`WINDOW`] rather than the server's whole life, and (only while someone listens) builds the one snapshot that
 //! every SSE subscriber is sent.
 
-pub mod histogram;
-pub mod prometheus;
-pub mod report;
+pub(crate) mod histogram;
+pub(crate) mod prometheus;
+pub(crate) mod report;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,10 +29,10 @@ use histogram::{Counts, Histogram};
 /// Rates and latency percentiles cover this much of the recent past.
 pub const WINDOW: Duration = Duration::from_secs(10);
 /// How often the totals are sampled for the window, and SSE frames built.
-pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The `version` under which versions that are no longer deployed keep counting toward the totals.
-pub const RETIRED: &str = "retired";
+pub(crate) const RETIRED: &str = "retired";
 
 /// Status codes are counted for 100..=599; anything else (never sent by hyper) counts as 599.
 const STATUS_CODES: usize = 500;
@@ -46,8 +46,8 @@ pub struct Served {
 
 /// One app version's request counters.
 pub struct AppStats {
-    pub app: String,
-    pub version: String,
+    pub(crate) app: String,
+    pub(crate) version: String,
     statuses: Box<[AtomicU64]>,
     latency: Histogram,
 }
@@ -98,27 +98,27 @@ impl AppStats {
 /// One app version's counters, read at one moment. `app` is empty for requests that named no deployed app
 /// (`version` empty too) and for versions no longer deployed (`version` is [`RETIRED`]).
 #[derive(Debug, Clone)]
-pub struct AppReading {
-    pub app: String,
-    pub version: String,
+pub(crate) struct AppReading {
+    pub(crate) app: String,
+    pub(crate) version: String,
     /// (status, responses), for each status sent at least once, in order.
-    pub statuses: Vec<(u16, u64)>,
-    pub latency: Counts,
+    pub(crate) statuses: Vec<(u16, u64)>,
+    pub(crate) latency: Counts,
     /// CPU its guests used (WebAssembly versions only), as the pool's meters have it.
-    pub cpu: Duration,
+    pub(crate) cpu: Duration,
 }
 
 impl AppReading {
-    pub fn key(&self) -> String {
+    pub(crate) fn key(&self) -> String {
         format!("{}@{}", self.app, self.version)
     }
 
-    pub fn requests(&self) -> u64 {
+    pub(crate) fn requests(&self) -> u64 {
         self.statuses.iter().map(|(_, count)| count).sum()
     }
 
     /// Responses the server failed (5xx); client errors (4xx) are the client's.
-    pub fn errors(&self) -> u64 {
+    pub(crate) fn errors(&self) -> u64 {
         self.statuses
             .iter()
             .filter(|(status, _)| *status >= 500)
@@ -129,11 +129,11 @@ impl AppReading {
 
 /// What changed over the window, for one app version or for all.
 #[derive(Debug, Clone, Default)]
-pub struct Recent {
-    pub requests: u64,
-    pub errors: u64,
-    pub latency: Counts,
-    pub cpu: Duration,
+pub(crate) struct Recent {
+    pub(crate) requests: u64,
+    pub(crate) errors: u64,
+    pub(crate) latency: Counts,
+    pub(crate) cpu: Duration,
 }
 
 impl Recent {
@@ -158,33 +158,33 @@ impl Recent {
 
 /// Everything the metrics report, read at one moment.
 #[derive(Debug, Clone)]
-pub struct Snapshot {
-    pub uptime: Duration,
-    pub pool: PoolStats,
-    pub counters: PoolCounts,
-    pub pooling: bool,
+pub(crate) struct Snapshot {
+    pub(crate) uptime: Duration,
+    pub(crate) pool: PoolStats,
+    pub(crate) counters: PoolCounts,
+    pub(crate) pooling: bool,
     /// Every app version that served a request, by key; the unrouted requests last, with an empty key.
     pub apps: Vec<AppReading>,
     /// Per app key, what happened within the window.
-    pub recent: HashMap<String, Recent>,
+    pub(crate) recent: HashMap<String, Recent>,
     /// How long the window actually is (a little over [`WINDOW`], or the uptime while shorter).
-    pub window: Duration,
-    pub workers: Vec<WorkerReading>,
-    pub sse_clients: usize,
+    pub(crate) window: Duration,
+    pub(crate) workers: Vec<WorkerReading>,
+    pub(crate) sse_clients: usize,
     /// Snapshots taken so far, this one included.
-    pub snapshots: u64,
+    pub(crate) snapshots: u64,
 }
 
 impl Snapshot {
     /// All apps' counters together.
-    pub fn total(&self) -> (u64, u64) {
+    pub(crate) fn total(&self) -> (u64, u64) {
         let requests = self.apps.iter().map(AppReading::requests).sum();
         let errors = self.apps.iter().map(AppReading::errors).sum();
         (requests, errors)
     }
 
     /// Live workers and their memory, per (app, version, busy), counted in one pass over the workers.
-    pub fn worker_tallies(&self) -> BTreeMap<(&str, &str, bool), Tally> {
+    pub(crate) fn worker_tallies(&self) -> BTreeMap<(&str, &str, bool), Tally> {
         let mut tallies: BTreeMap<(&str, &str, bool), Tally> = BTreeMap::new();
         for worker in &self.workers {
             let tally = tallies.entry((&worker.app, &worker.version, worker.busy)).or_default();
@@ -195,7 +195,7 @@ impl Snapshot {
     }
 
     /// All apps' window together.
-    pub fn recent_total(&self) -> Recent {
+    pub(crate) fn recent_total(&self) -> Recent {
         let mut total = Recent::default();
         for recent in self.recent.values() {
             total.add(recent);
@@ -206,9 +206,9 @@ impl Snapshot {
 
 /// Workers counted together, with the linear memory they hold.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Tally {
-    pub workers: u64,
-    pub memory_bytes: u64,
+pub(crate) struct Tally {
+    pub(crate) workers: u64,
+    pub(crate) memory_bytes: u64,
 }
 
 /// The running totals at one tick, the start of some later window.
@@ -219,9 +219,9 @@ struct Sample {
 
 /// The latest SSE frame's contents: built once per tick, shared by every subscriber.
 #[derive(Debug, Clone)]
-pub struct Update {
-    pub seq: u64,
-    pub json: Arc<str>,
+pub(crate) struct Update {
+    pub(crate) seq: u64,
+    pub(crate) json: Arc<str>,
 }
 
 /// Hashed with foldhash: every request looks its version's counters up here, and the keys are the names of deployed
@@ -294,13 +294,13 @@ impl Metrics {
     }
 
     /// The counters of requests that named no deployed app.
-    pub fn unrouted(&self) -> Arc<AppStats> {
+    pub(crate) fn unrouted(&self) -> Arc<AppStats> {
         self.unrouted.clone()
     }
 
     /// Marks a request to an app as in flight: if it is dropped before it is answered (the client went away), it
     /// is counted with status 499 and timed to that moment (unless requests are not counted).
-    pub fn in_flight<'a>(&self, stats: &'a AppStats, start: Instant) -> InFlight<'a> {
+    pub(crate) fn in_flight<'a>(&self, stats: &'a AppStats, start: Instant) -> InFlight<'a> {
         InFlight {
             stats: self.requests_on.then_some(stats),
             start,
@@ -347,7 +347,7 @@ impl Metrics {
     /// Folds the counters of versions no longer in `deployed` into the retired total. Their share of the current
     /// window moves with them, so neither the totals nor the rates jump. (A request still in flight on a removed
     /// version finishes uncounted.)
-    pub fn retain(&self, deployed: &crate::deploy::registry::Snapshot) {
+    pub(crate) fn retain(&self, deployed: &crate::deploy::registry::Snapshot) {
         let _adding = self.adding.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.apps.load_full();
         let is_deployed = |app: &str, version: &semver::Version| {
@@ -387,7 +387,7 @@ impl Metrics {
     }
 
     /// Reads everything at once. Has no side effects.
-    pub fn snapshot(&self) -> Snapshot {
+    pub(crate) fn snapshot(&self) -> Snapshot {
         let taken = self.snapshots.fetch_add(1, Ordering::Relaxed) + 1;
         let now = Instant::now();
         let (apps, recent, window) = {
@@ -449,7 +449,7 @@ impl Metrics {
     }
 
     /// Samples every [`SAMPLE_INTERVAL`] for as long as the metrics live.
-    pub fn spawn_sampler(self: &Arc<Self>) {
+    pub(crate) fn spawn_sampler(self: &Arc<Self>) {
         let metrics = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + SAMPLE_INTERVAL, SAMPLE_INTERVAL);
@@ -463,31 +463,31 @@ impl Metrics {
     }
 
     /// A new SSE subscriber's view of the frames.
-    pub fn subscribe(&self) -> watch::Receiver<Update> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Update> {
         self.updates.subscribe()
     }
 
     /// Open SSE streams.
-    pub fn sse_clients(&self) -> usize {
+    pub(crate) fn sse_clients(&self) -> usize {
         self.updates.receiver_count()
     }
 
     /// Cancelled when the server starts draining: long-lived streams end then.
-    pub fn closing(&self) -> CancellationToken {
+    pub(crate) fn closing(&self) -> CancellationToken {
         self.closing.clone()
     }
 
     /// Ends every SSE stream (at the start of a drain, so they do not hold it open).
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         self.closing.cancel();
     }
 }
 
 /// Status counted for a request whose client went away before it was answered (nginx's convention).
-pub const CLIENT_CLOSED: u16 = 499;
+pub(crate) const CLIENT_CLOSED: u16 = 499;
 
 /// A request to an app that has not been answered yet; see [`Metrics::in_flight`].
-pub struct InFlight<'a> {
+pub(crate) struct InFlight<'a> {
     /// `None` once answered, or when requests are not counted.
     stats: Option<&'a AppStats>,
     start: Instant,
@@ -495,7 +495,7 @@ pub struct InFlight<'a> {
 
 impl InFlight<'_> {
     /// The request has its response: from here on it is counted by [`Metrics::observe`].
-    pub fn answered(mut self) {
+    pub(crate) fn answered(mut self) {
         self.stats = None;
     }
 }

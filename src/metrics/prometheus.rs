@@ -9,14 +9,14 @@ use std::fmt::Write;
 use super::Snapshot;
 
 /// The response's `Content-Type`.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// The exported latency buckets (seconds); each is one of the histogram's own bounds, so the counts are exact.
-pub const LATENCY_BUCKETS: [f64; 18] = [
+pub(crate) const LATENCY_BUCKETS: [f64; 18] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
-pub fn encode(snapshot: &Snapshot) -> String {
+pub(crate) fn encode(snapshot: &Snapshot) -> String {
     let mut out = Text::default();
     let counters = &snapshot.counters;
     let pool = &snapshot.pool;

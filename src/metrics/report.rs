@@ -9,7 +9,7 @@ use super::{Recent, Snapshot, SAMPLE_INTERVAL};
 const MIB: f64 = 1024.0 * 1024.0;
 
 /// `/_/metrics`: the whole host's numbers.
-pub fn metrics(snapshot: &Snapshot) -> Value {
+pub(crate) fn metrics(snapshot: &Snapshot) -> Value {
     let (total_requests, errors) = snapshot.total();
     let recent = snapshot.recent_total();
     let pool = &snapshot.pool;
@@ -50,7 +50,7 @@ pub fn metrics(snapshot: &Snapshot) -> Value {
 }
 
 /// `/_/stats`: the metrics, then each app version, then each worker.
-pub fn stats(snapshot: &Snapshot) -> Value {
+pub(crate) fn stats(snapshot: &Snapshot) -> Value {
     let mut apps = Map::new();
     let tallies = snapshot.worker_tallies();
     for reading in snapshot.apps.iter().filter(|reading| !reading.app.is_empty()) {

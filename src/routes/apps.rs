@@ -15,13 +15,13 @@ use crate::routes::lifecycle::Phase;
 use crate::routes::AppState;
 
 /// The request header that tells an app the prefix it was reached under, e.g. `/hello@1`.
-pub const BASE_HEADER: &str = "x-marina-base";
+pub(crate) const BASE_HEADER: &str = "x-marina-base";
 
 /// How long `GET /<app>@<spec>/health` waits for a worker before answering 503.
-pub const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+pub(crate) const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Every request that is not for an internal route.
-pub async fn handle(state: &AppState, request: Request) -> Response {
+pub(crate) async fn handle(state: &AppState, request: Request) -> Response {
     let arrived = std::time::Instant::now();
     let (served, result) = route(state, request, arrived).await;
     let mut response = result.unwrap_or_else(IntoResponse::into_response);
@@ -128,7 +128,7 @@ pub fn split_mount(path: &str) -> (&str, &str) {
 
 /// The request as an app sees it: the path after its mount prefix (`/` when nothing follows), the query kept,
 /// and the prefix in [`BASE_HEADER`] so the app can build links that come back to the same version.
-pub fn app_request<B>(mut request: http::Request<B>) -> http::Request<B> {
+pub(crate) fn app_request<B>(mut request: http::Request<B>) -> http::Request<B> {
     let (segment, rest) = split_mount(request.uri().path());
     let base = format!("/{segment}");
     let path = if rest.is_empty() { "/" } else { rest };

@@ -19,9 +19,9 @@ use crate::routes::sse;
 use crate::routes::AppState;
 
 /// Shown instead of `env` values in `/_/deployments`: they are often secrets, and the listing is unauthenticated.
-pub const REDACTED: &str = "<redacted>";
+pub(crate) const REDACTED: &str = "<redacted>";
 
-pub fn routes() -> Router<AppState> {
+pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/_/health", get(health))
         .route("/_/ready", get(ready))

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 /// The phases, in the only order they happen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
-pub enum Phase {
+pub(crate) enum Phase {
     /// The first scan of APPS_DIR has not finished.
     Loading = 0,
     /// Serving.
@@ -32,7 +32,7 @@ impl Default for Lifecycle {
 }
 
 impl Lifecycle {
-    pub fn phase(&self) -> Phase {
+    pub(crate) fn phase(&self) -> Phase {
         match self.phase.load(Ordering::Acquire) {
             0 => Phase::Loading,
             1 => Phase::Ready,

@@ -2,7 +2,7 @@
 //! ([`internal`], with the live stream in [`sse`]). Both read the same [`AppState`].
 
 pub mod apps;
-pub mod internal;
+pub(crate) mod internal;
 pub mod lifecycle;
 pub mod sse;
 
@@ -19,11 +19,11 @@ use lifecycle::Lifecycle;
 /// What every handler shares: cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
-    pub registry: Arc<Registry>,
+    pub(crate) registry: Arc<Registry>,
     pub lifecycle: Arc<Lifecycle>,
-    pub pool: Arc<Pool>,
-    pub upstreams: Arc<Upstreams>,
-    pub metrics: Arc<Metrics>,
+    pub(crate) pool: Arc<Pool>,
+    pub(crate) upstreams: Arc<Upstreams>,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 impl AppState {

@@ -17,11 +17,11 @@ use crate::error::Error;
 use crate::metrics::{Metrics, SAMPLE_INTERVAL};
 
 /// Seconds between frames unless `?interval=` says otherwise, and the bounds it may say.
-pub const DEFAULT_INTERVAL_SECS: u64 = 1;
-pub const MIN_INTERVAL_SECS: u64 = 1;
-pub const MAX_INTERVAL_SECS: u64 = 60;
+pub(crate) const DEFAULT_INTERVAL_SECS: u64 = 1;
+pub(crate) const MIN_INTERVAL_SECS: u64 = 1;
+pub(crate) const MAX_INTERVAL_SECS: u64 = 60;
 /// How long a browser's `EventSource` waits before reconnecting (sent as `retry:`).
-pub const RETRY: Duration = Duration::from_secs(2);
+pub(crate) const RETRY: Duration = Duration::from_secs(2);
 /// A comment line is sent when nothing else was for this long, so proxies keep the connection open.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// Streams open at once: each costs a task and a copy of every frame, so a flood of them is refused.
@@ -30,7 +30,7 @@ pub const MAX_CLIENTS: usize = 256;
 const BACKLOG: usize = 2;
 
 /// Reads `?interval=` (whole seconds).
-pub fn interval(raw: Option<&str>) -> Result<u64, Error> {
+pub(crate) fn interval(raw: Option<&str>) -> Result<u64, Error> {
     let Some(raw) = raw else {
         return Ok(DEFAULT_INTERVAL_SECS);
     };
@@ -44,7 +44,7 @@ pub fn interval(raw: Option<&str>) -> Result<u64, Error> {
 
 /// A stream of `metrics` events, one every `every` seconds (counted in sampler ticks); refused beyond
 /// [`MAX_CLIENTS`].
-pub fn stream(metrics: &Metrics, every: u64) -> Result<Response, Error> {
+pub(crate) fn stream(metrics: &Metrics, every: u64) -> Result<Response, Error> {
     const _: () = assert!(SAMPLE_INTERVAL.as_secs() == 1 && SAMPLE_INTERVAL.subsec_nanos() == 0);
     let mut updates = metrics.subscribe();
     // Counted once subscribed, so concurrent arrivals cannot both slip under the limit.

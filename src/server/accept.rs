@@ -38,44 +38,44 @@ use crate::routes::AppState;
 use crate::server::front::Front;
 
 /// Open connections beyond this wait in the kernel's accept queue until one closes.
-pub const MAX_CONNECTIONS: usize = 10_000;
+pub(crate) const MAX_CONNECTIONS: usize = 10_000;
 /// Request line and headers together may not exceed this (HTTP/1.1 answers 431, HTTP/2 resets the stream).
-pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// From the moment a connection is accepted, the client has this long to get its first request's head to the
 /// server (HTTP/1.1: the request line and headers; HTTP/2: the preface, SETTINGS and a HEADERS frame); a
 /// connection that has not is closed, whatever it sent. Each later request head on an HTTP/1.1 connection has as
 /// long again (hyper's timer).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
+pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
 /// A connection with no request in progress for this long is shut down: HTTP/2 gets a GOAWAY and closes once the
 /// client has seen it (dropped if it is still open after another quiet period this long). Idle HTTP/1.1
 /// keep-alive connections close sooner, after [`HEADER_READ_TIMEOUT`], because hyper times the wait for the next
 /// request as a header read. A response still being sent (a download, an SSE stream) is a request in progress; a
 /// WebSocket leaves the connection, and this timer, behind once it is upgraded.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The watchdog looks at a connection this many times per idle timeout, so an idle connection goes between
 /// [`IDLE_TIMEOUT`] and a quarter more after its last request ended; more looks would only cost wakeups.
 const IDLE_CHECKS: u32 = 4;
 /// The shortest interval between two looks, so that a zero idle timeout cannot spin the connection's task.
 const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(1);
 /// Concurrent streams one HTTP/2 connection may open.
-pub const MAX_CONCURRENT_STREAMS: u32 = 256;
+pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 256;
 /// After a failed `accept` (e.g. out of file descriptors), wait this long before the next, instead of spinning.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
 /// The clocks `run` keeps on every connection; `serve` takes them from [`ServeOptions`].
 #[derive(Debug, Clone, Copy)]
-pub struct Timeouts {
+pub(crate) struct Timeouts {
     /// From accept to the first request reaching the service ([`HEADER_READ_TIMEOUT`]).
-    pub header: Duration,
+    pub(crate) header: Duration,
     /// With no request in progress ([`IDLE_TIMEOUT`]).
-    pub idle: Duration,
+    pub(crate) idle: Duration,
     /// For in-flight requests to finish at shutdown.
-    pub drain: Duration,
+    pub(crate) drain: Duration,
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves, then drains: readiness turns 503, the listener closes,
 /// in-flight requests finish, and connections still open after `timeouts.drain` are dropped.
-pub async fn run(
+pub(crate) async fn run(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()>,

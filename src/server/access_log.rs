@@ -11,7 +11,7 @@ use axum::response::Response;
 use crate::metrics::Served;
 
 /// Writes the access line for a response to a request that arrived at `start`.
-pub fn record(method: &Method, path: &str, http_version: Version, start: Instant, response: &Response) {
+pub(crate) fn record(method: &Method, path: &str, http_version: Version, start: Instant, response: &Response) {
     let served = response.extensions().get::<Served>();
     tracing::info!(
         target: "marina::access",

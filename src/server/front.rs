@@ -13,7 +13,7 @@ use crate::routes::{apps, internal, AppState};
 use crate::server::access_log;
 
 /// Request targets longer than this answer 414: no app needs more, and every log line carries the path.
-pub const MAX_URI_BYTES: usize = 8 * 1024;
+pub(crate) const MAX_URI_BYTES: usize = 8 * 1024;
 /// The whole HTTP surface: internal routes under `/_/`, and every other path dispatched to an app.
 #[derive(Clone)]
 pub struct Front {

@@ -5,11 +5,11 @@
 //! every request goes through, the [`access_log`], the [`reload`] loop that follows APPS_DIR, and the [`signals`]
 //! that start the drain.
 
-pub mod accept;
-pub mod access_log;
-pub mod front;
-pub mod reload;
-pub mod signals;
+pub(crate) mod accept;
+pub(crate) mod access_log;
+pub(crate) mod front;
+pub(crate) mod reload;
+pub(crate) mod signals;
 
 use std::future::Future;
 use std::time::Duration;
@@ -19,13 +19,13 @@ use tokio::net::TcpListener;
 use crate::backends::wasm::engine::EngineSettings;
 use crate::backends::wasm::pool::{DEFAULT_POOL_SIZE, DEFAULT_QUEUE_LIMIT};
 use crate::routes::AppState;
-pub use accept::{run, Timeouts, HEADER_READ_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS};
+pub(crate) use accept::{run, Timeouts, HEADER_READ_TIMEOUT, IDLE_TIMEOUT};
 pub use front::Front;
 
 /// How `serve` runs: everything the CLI's flags decide.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
-    pub apps_dir: std::path::PathBuf,
+    pub(crate) apps_dir: std::path::PathBuf,
     /// Live instances across all apps (`POOL_SIZE`).
     pub pool_size: usize,
     /// Requests that may wait for a worker at once (`--queue-limit`).

@@ -7,7 +7,7 @@ use crate::routes::AppState;
 /// Scans APPS_DIR, marks the server ready, then follows changes until the task is aborted. The watcher starts
 /// before the first scan, so nothing changed meanwhile is missed; with `precompile`, ready waits for every
 /// component to compile.
-pub async fn follow(state: AppState, precompile: bool) {
+pub(crate) async fn follow(state: AppState, precompile: bool) {
     let registry = state.registry.clone();
     let (watcher, loaded) = tokio::task::spawn_blocking(move || {
         let watcher = Watcher::start(registry.clone())

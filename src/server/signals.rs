@@ -1,7 +1,7 @@
 //! The OS signals that end the process: SIGINT (Ctrl-C) and SIGTERM start the drain.
 
 /// Resolves on the first SIGINT or SIGTERM (Ctrl-C elsewhere).
-pub async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         if let Err(error) = tokio::signal::ctrl_c().await {
             tracing::error!(%error, "cannot listen for Ctrl-C");

@@ -26,7 +26,7 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Removes the hop-by-hop headers, and every header the `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none of them. One pass over the names they do carry says so, where removing each of the
     // nine would look every one of them up.
     if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
@@ -81,22 +81,22 @@ fn via_entry(version: Version) -> HeaderValue {
 }
 
 /// Adds this hop to `Via`, for a message that arrived as `version`.
-pub fn add_via(headers: &mut HeaderMap, version: Version) {
+pub(crate) fn add_via(headers: &mut HeaderMap, version: Version) {
     append_to_list(headers, header::VIA, via_entry(version));
 }
 
 /// What the forwarded request says about the client.
-pub struct Forwarded<'a> {
+pub(crate) struct Forwarded<'a> {
     /// The client's IP as a header value, or `None` when the connection has none (in-process tests).
-    pub client_ip: Option<HeaderValue>,
+    pub(crate) client_ip: Option<HeaderValue>,
     /// `http` or `https`: how the client reached this host.
-    pub proto: &'static str,
+    pub(crate) proto: &'static str,
     /// The `Host` the client asked for.
-    pub host: Option<&'a HeaderValue>,
+    pub(crate) host: Option<&'a HeaderValue>,
 }
 
 /// Appends the client to `X-Forwarded-For`, `-Proto` and `-Host`.
-pub fn add_forwarded(headers: &mut HeaderMap, forwarded: &Forwarded<'_>) {
+pub(crate) fn add_forwarded(headers: &mut HeaderMap, forwarded: &Forwarded<'_>) {
     // Room for these three and `Via` at once: the map the server parsed has just enough for what arrived, and
     // would otherwise grow (and rehash) more than once.
     headers.reserve(4);
@@ -116,7 +116,7 @@ pub fn add_forwarded(headers: &mut HeaderMap, forwarded: &Forwarded<'_>) {
 /// (`/app@1`) plus whatever part of the path the rule's rewrite cut off (`/api` for `^/api(/.*)` -> `$1`).
 /// Absolute URLs on the target's origin and absolute paths under the target's own path are rewritten; anything
 /// else (another host, a relative path) is left as it is.
-pub fn rewrite_location(headers: &mut HeaderMap, target: &Target, client_prefix: &str) {
+pub(crate) fn rewrite_location(headers: &mut HeaderMap, target: &Target, client_prefix: &str) {
     let Some(location) = headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) else {
         return;
     };

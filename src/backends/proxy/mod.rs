@@ -32,33 +32,32 @@ use crate::backends::stall;
 use crate::deploy::rules::{Matched, Rule};
 use crate::error::Error;
 
-/// The client's address, in every request's extensions, with its IP as an `X-Forwarded-For` entry: made once per
-/// connection rather than formatted for every proxied request.
+/// The client's IP as an `X-Forwarded-For` entry, in every request's extensions: made once per connection by the
+/// accept loop rather than formatted for every proxied request.
 #[derive(Debug, Clone)]
-pub struct ClientAddr {
-    pub addr: std::net::SocketAddr,
-    pub forwarded_for: http::HeaderValue,
+pub(crate) struct ClientAddr {
+    pub(crate) forwarded_for: http::HeaderValue,
 }
 
 impl ClientAddr {
-    pub fn new(addr: std::net::SocketAddr) -> ClientAddr {
+    pub(crate) fn new(addr: std::net::SocketAddr) -> ClientAddr {
         let ip = addr.ip().to_string();
         let forwarded_for = http::HeaderValue::try_from(ip).expect("an IP address is a valid header value");
-        ClientAddr { addr, forwarded_for }
+        ClientAddr { forwarded_for }
     }
 }
 
 /// How long connecting to an upstream may take (DNS and TCP; TLS is part of the rule's timeout).
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an idle upstream connection is kept for reuse.
-pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+pub(crate) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle connections kept per upstream host.
-pub const POOL_MAX_IDLE_PER_HOST: usize = 256;
+pub(crate) const POOL_MAX_IDLE_PER_HOST: usize = 256;
 
 type Connector = HttpsConnector<HttpConnector>;
 
 /// The clients that reach upstreams, shared by every rule of every app.
-pub struct Upstreams {
+pub(crate) struct Upstreams {
     /// Plain `http` targets: connections driven by the requests themselves ([`http1`]).
     plain: Arc<http1::Http1Pool>,
     /// `https` targets, HTTP/1.1 or HTTP/2 by ALPN.
@@ -78,7 +77,7 @@ impl Default for Upstreams {
 }
 
 impl Upstreams {
-    pub fn new() -> Upstreams {
+    pub(crate) fn new() -> Upstreams {
         let client = |connector: Connector| {
             Client::builder(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -98,13 +97,13 @@ impl Upstreams {
     }
 
     /// Closes every open WebSocket tunnel (at shutdown: they would otherwise outlive the drain).
-    pub fn close_tunnels(&self) {
+    pub(crate) fn close_tunnels(&self) {
         self.shutdown.cancel();
     }
 
     /// Forwards `request` as `matched` says. `mount` is the client's prefix for the app (`/app@1`), `app_path`
     /// the path the app would have seen (what the rule matched).
-    pub async fn forward(
+    pub(crate) async fn forward(
         &self,
         matched: &Matched<'_>,
         mount: &str,

@@ -14,7 +14,7 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 /// A client config that verifies certificates against the Web PKI roots.
-pub fn verified() -> ClientConfig {
+pub(crate) fn verified() -> ClientConfig {
     let roots = RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };
@@ -26,7 +26,7 @@ pub fn verified() -> ClientConfig {
 }
 
 /// A client config that accepts any certificate (`secure: false`).
-pub fn unverified() -> ClientConfig {
+pub(crate) fn unverified() -> ClientConfig {
     let provider = provider();
     ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()

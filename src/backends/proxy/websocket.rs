@@ -18,7 +18,7 @@ use super::{client_response, error_chain, failed, headers, within, Rule, Upstrea
 use crate::error::Error;
 
 /// Whether `request` asks to switch to WebSocket (an HTTP/1.1 `Upgrade`; HTTP/2 has no such thing).
-pub fn is_upgrade<B>(request: &Request<B>) -> bool {
+pub(crate) fn is_upgrade<B>(request: &Request<B>) -> bool {
     let has_token = |name: header::HeaderName, token: &str| {
         request
             .headers()
@@ -34,20 +34,20 @@ pub fn is_upgrade<B>(request: &Request<B>) -> bool {
 }
 
 /// One upgrade on its way to the upstream.
-pub struct Tunnel<'a> {
-    pub rule: &'a Rule,
-    pub uri: Uri,
+pub(crate) struct Tunnel<'a> {
+    pub(crate) rule: &'a Rule,
+    pub(crate) uri: Uri,
     /// The request headers as forwarded (hop-by-hop ones already removed).
-    pub headers: HeaderMap,
-    pub client_upgrade: OnUpgrade,
+    pub(crate) headers: HeaderMap,
+    pub(crate) client_upgrade: OnUpgrade,
     /// The client's side of a forwarded path, for redirects (see `client_prefix`).
-    pub client_prefix: &'a (dyn Fn() -> String + Sync),
+    pub(crate) client_prefix: &'a (dyn Fn() -> String + Sync),
 }
 
 impl Tunnel<'_> {
     /// Sends the upgrade upstream. A 101 is passed to the client and the tunnel starts; any other answer is
     /// passed on as a normal response.
-    pub async fn open(self, upstreams: &Upstreams) -> Result<Response, Error> {
+    pub(crate) async fn open(self, upstreams: &Upstreams) -> Result<Response, Error> {
         let Tunnel {
             rule,
             uri,

@@ -113,7 +113,7 @@ impl Link {
 }
 
 /// Serves `request` (already rewritten to the app's view) with a worker of `runtime`.
-pub async fn invoke(
+pub(crate) async fn invoke(
     pool: &Arc<Pool>,
     runtime: Arc<VersionRuntime>,
     mut request: http::Request<Body>,
@@ -199,7 +199,7 @@ pub async fn invoke(
 /// Whether a worker of `runtime` can be had before `deadline` (compiled, instantiated, within the cap): the
 /// version's health check. Instantiating runs guest code, so it too happens on a guest lane; a new worker is
 /// kept warm if the version keeps workers.
-pub async fn check(pool: &Arc<Pool>, runtime: Arc<VersionRuntime>, deadline: Instant) -> Result<(), String> {
+pub(crate) async fn check(pool: &Arc<Pool>, runtime: Arc<VersionRuntime>, deadline: Instant) -> Result<(), String> {
     let clock = Arc::new(CallClock::new(Some(deadline)));
     let (sender, answer) = oneshot::channel();
     let task = {

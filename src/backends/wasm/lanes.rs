@@ -38,23 +38,23 @@ use tokio::runtime::{Handle, Runtime};
 use crate::backends::wasm::worker::CallClock;
 
 /// A call that computes this long without waiting on I/O is moved to the demoted lane.
-pub const DEMOTE_AFTER: Duration = Duration::from_millis(5);
+pub(crate) const DEMOTE_AFTER: Duration = Duration::from_millis(5);
 /// The nice value of the demoted lane's threads: the kernel gives a nice-10 thread about a tenth of the CPU a
 /// nice-0 thread gets when both want it, so a demoted call is slowed, not starved.
-pub const DEMOTED_NICE: i32 = 10;
+pub(crate) const DEMOTED_NICE: i32 = 10;
 /// How much polled time a thread accumulates before it reads its CPU clock and charges the versions it ran.
-pub const SETTLE_EVERY: Duration = Duration::from_millis(2);
+pub(crate) const SETTLE_EVERY: Duration = Duration::from_millis(2);
 
 /// How often each version's guest CPU is compared with the others'.
-pub const SHARE_INTERVAL: Duration = Duration::from_millis(100);
+pub(crate) const SHARE_INTERVAL: Duration = Duration::from_millis(100);
 /// A version using more than this many times an even share of the guest CPU (among versions that use any) is
 /// heavy: its new calls start in the demoted lane. Two apps under the same load never trip it.
-pub const HEAVY_RATIO: f64 = 1.5;
+pub(crate) const HEAVY_RATIO: f64 = 1.5;
 /// Below this much CPU per [`SHARE_INTERVAL`], a version is not competing for the CPU and is left out.
 const ACTIVE_CPU: Duration = Duration::from_millis(2);
 
 /// The two guest executors, and the score of every version that runs on them.
-pub struct Lanes {
+pub(crate) struct Lanes {
     fresh: Option<Runtime>,
     demoted: Option<Runtime>,
     demoted_handle: Handle,
@@ -64,7 +64,7 @@ pub struct Lanes {
 
 /// One app version's guest CPU: the total (for the metrics) and whether it is taking more than its share.
 #[derive(Debug, Default)]
-pub struct VersionMeter {
+pub(crate) struct VersionMeter {
     cpu_ns: AtomicU64,
     /// Read by the share sampler: the total at its last look, and the smoothed use per interval.
     sampled_ns: AtomicU64,
@@ -74,19 +74,19 @@ pub struct VersionMeter {
 
 impl VersionMeter {
     /// Guest CPU used so far.
-    pub fn cpu(&self) -> Duration {
+    pub(crate) fn cpu(&self) -> Duration {
         Duration::from_nanos(self.cpu_ns.load(Ordering::Relaxed))
     }
 
     /// Whether this version's new calls start in the demoted lane.
-    pub fn is_heavy(&self) -> bool {
+    pub(crate) fn is_heavy(&self) -> bool {
         self.heavy.load(Ordering::Relaxed)
     }
 }
 
 impl Lanes {
     /// Starts `threads` threads per lane.
-    pub fn new(threads: usize) -> std::io::Result<Lanes> {
+    pub(crate) fn new(threads: usize) -> std::io::Result<Lanes> {
         let fresh = runtime("marina-guest", threads, None)?;
         let demoted = runtime("marina-guest-slow", threads, Some(DEMOTED_NICE))?;
         let meters = Arc::default();
@@ -101,7 +101,7 @@ impl Lanes {
     }
 
     /// A new version's meter, scored against the others from now on.
-    pub fn meter(&self) -> Arc<VersionMeter> {
+    pub(crate) fn meter(&self) -> Arc<VersionMeter> {
         let meter = Arc::new(VersionMeter::default());
         let mut meters = self.meters.lock().unwrap_or_else(|p| p.into_inner());
         meters.retain(|meter| meter.strong_count() > 0);
@@ -111,7 +111,7 @@ impl Lanes {
 
     /// Runs `call` in the fresh lane (or, for a version over its share, the demoted one), timed and charged to
     /// `meter`. `clock` is the call's: its epoch yields tell computing from waiting.
-    pub fn spawn(
+    pub(crate) fn spawn(
         &self,
         meter: Arc<VersionMeter>,
         clock: Arc<CallClock>,

@@ -3,8 +3,8 @@
 //! code runs on, [`worker`] is one isolated instance, and [`status`] is the board every worker reports to.
 
 pub mod engine;
-pub mod invoke;
-pub mod lanes;
+pub(crate) mod invoke;
+pub(crate) mod lanes;
 pub mod pool;
 pub mod status;
 pub mod worker;

@@ -37,19 +37,19 @@ use crate::deploy::registry::{Deployment, Snapshot};
 /// Default `POOL_SIZE`: live instances across all apps.
 pub const DEFAULT_POOL_SIZE: usize = 32;
 /// Default `--queue-limit`: requests that may wait for a worker at once.
-pub const DEFAULT_QUEUE_LIMIT: usize = 1024;
+pub(crate) const DEFAULT_QUEUE_LIMIT: usize = 1024;
 /// How often idle workers are checked against their `idleTimeout` and `ttl`.
-pub const REAP_INTERVAL: Duration = Duration::from_millis(250);
+pub(crate) const REAP_INTERVAL: Duration = Duration::from_millis(250);
 /// A version that gave a worker back this recently still counts as competing for the pool.
-pub const CONTENDING_FOR: Duration = Duration::from_millis(250);
+pub(crate) const CONTENDING_FOR: Duration = Duration::from_millis(250);
 /// How much each call's outcome moves its version's failure score (see the fair share in this module's header).
 const FAILURE_WEIGHT: f32 = 0.2;
 /// A `lowMemory` app's idle workers are dropped after at most this long, whatever its `idleTimeout`.
-pub const LOW_MEMORY_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const LOW_MEMORY_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why no worker could be had.
 #[derive(Debug, thiserror::Error)]
-pub enum AcquireError {
+pub(crate) enum AcquireError {
     #[error("every worker is busy and {limit} requests are already waiting")]
     QueueFull { limit: usize },
     #[error("every worker stayed busy until the request's deadline")]
@@ -59,28 +59,28 @@ pub enum AcquireError {
 }
 
 /// A compiled version and its warm workers' identity; replaced when the version's files or config change.
-pub struct VersionRuntime {
+pub(crate) struct VersionRuntime {
     key: u64,
-    pub identity: Identity,
-    pub deployment: Deployment,
+    pub(crate) identity: Identity,
+    pub(crate) deployment: Deployment,
     /// The version's guest CPU and share of it; kept across runtimes of the same version.
-    pub meter: Arc<VersionMeter>,
+    pub(crate) meter: Arc<VersionMeter>,
     /// Keeps this version's failure lines to a few a second.
-    pub failure_log: LogLimiter,
+    pub(crate) failure_log: LogLimiter,
     loaded: OnceCell<Result<Arc<Loaded>, String>>,
     retired: AtomicBool,
 }
 
 impl VersionRuntime {
     /// The request deadline's length (`timeout`), if the version has one.
-    pub fn timeout(&self) -> Option<Duration> {
+    pub(crate) fn timeout(&self) -> Option<Duration> {
         let secs = self.deployment.config.timeout;
         (secs > 0).then(|| Duration::from_secs(secs))
     }
 
     /// The compiled component, compiling it (off the async threads) the first time. Concurrent callers share one
     /// compilation.
-    pub async fn loaded(&self, engine: &Arc<Engine>) -> Result<Arc<Loaded>, String> {
+    pub(crate) async fn loaded(&self, engine: &Arc<Engine>) -> Result<Arc<Loaded>, String> {
         self.loaded
             .get_or_init(|| async {
                 let engine = engine.clone();
@@ -135,56 +135,56 @@ impl VersionRuntime {
 }
 
 /// A worker lent to one request. Give it back with [`Pool::release`]; dropping it discards the worker.
-pub struct Lease {
-    pub worker: Worker,
-    pub runtime: Arc<VersionRuntime>,
+pub(crate) struct Lease {
+    pub(crate) worker: Worker,
+    pub(crate) runtime: Arc<VersionRuntime>,
     // Declared last so it drops last: the instance is gone before its slot is reused.
     slot: Slot,
 }
 
 /// How full the pool is, at one instant.
 #[derive(Debug, Clone, Copy)]
-pub struct PoolStats {
-    pub capacity: usize,
+pub(crate) struct PoolStats {
+    pub(crate) capacity: usize,
     /// Idle, busy and being created.
-    pub live: usize,
-    pub idle: usize,
-    pub queued: usize,
-    pub peak: usize,
+    pub(crate) live: usize,
+    pub(crate) idle: usize,
+    pub(crate) queued: usize,
+    pub(crate) peak: usize,
 }
 
 /// Counters kept by the pool (and, for how requests on its workers ended, by [`crate::backends::wasm::invoke`]).
 #[derive(Debug, Default)]
-pub struct PoolCounters {
-    pub created: AtomicU64,
-    pub hits: AtomicU64,
-    pub misses: AtomicU64,
-    pub evictions: AtomicU64,
-    pub queue_rejected: AtomicU64,
+pub(crate) struct PoolCounters {
+    pub(crate) created: AtomicU64,
+    pub(crate) hits: AtomicU64,
+    pub(crate) misses: AtomicU64,
+    pub(crate) evictions: AtomicU64,
+    pub(crate) queue_rejected: AtomicU64,
     /// Requests whose deadline passed while they waited in the queue.
-    pub queue_timeouts: AtomicU64,
+    pub(crate) queue_timeouts: AtomicU64,
     /// Workers that could not be instantiated, or were discarded after a trap or a timeout.
-    pub failed: AtomicU64,
-    pub timeouts: AtomicU64,
-    pub traps: AtomicU64,
+    pub(crate) failed: AtomicU64,
+    pub(crate) timeouts: AtomicU64,
+    pub(crate) traps: AtomicU64,
 }
 
 /// [`PoolCounters`] read at one moment.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct PoolCounts {
-    pub created: u64,
-    pub hits: u64,
-    pub misses: u64,
-    pub evictions: u64,
-    pub queue_rejected: u64,
-    pub queue_timeouts: u64,
-    pub failed: u64,
-    pub timeouts: u64,
-    pub traps: u64,
+pub(crate) struct PoolCounts {
+    pub(crate) created: u64,
+    pub(crate) hits: u64,
+    pub(crate) misses: u64,
+    pub(crate) evictions: u64,
+    pub(crate) queue_rejected: u64,
+    pub(crate) queue_timeouts: u64,
+    pub(crate) failed: u64,
+    pub(crate) timeouts: u64,
+    pub(crate) traps: u64,
 }
 
 impl PoolCounters {
-    pub fn read(&self) -> PoolCounts {
+    pub(crate) fn read(&self) -> PoolCounts {
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         PoolCounts {
             created: load(&self.created),
@@ -212,7 +212,7 @@ pub struct Pool {
     meters: Mutex<HashMap<(String, String), Arc<VersionMeter>>>,
     retired_cpu: Mutex<Duration>,
     next_runtime_key: AtomicU64,
-    pub counters: Arc<PoolCounters>,
+    pub(crate) counters: Arc<PoolCounters>,
     workers: Arc<WorkerTable>,
 }
 
@@ -498,17 +498,17 @@ impl Pool {
         }
     }
 
-    pub fn engine(&self) -> &Arc<Engine> {
+    pub(crate) fn engine(&self) -> &Arc<Engine> {
         &self.engine
     }
 
     /// Every live worker's status.
-    pub fn workers(&self) -> &Arc<WorkerTable> {
+    pub(crate) fn workers(&self) -> &Arc<WorkerTable> {
         &self.workers
     }
 
     /// The pool's occupancy, read at one instant.
-    pub fn stats(&self) -> PoolStats {
+    pub(crate) fn stats(&self) -> PoolStats {
         let state = self.shared.lock();
         PoolStats {
             capacity: self.shared.cap,
@@ -520,7 +520,7 @@ impl Pool {
     }
 
     /// The runtime for a version, made the first time and remade when the deployment changed.
-    pub fn runtime(&self, app: &str, version: &str, deployment: &Deployment) -> Arc<VersionRuntime> {
+    pub(crate) fn runtime(&self, app: &str, version: &str, deployment: &Deployment) -> Arc<VersionRuntime> {
         let mut runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
         let key = (app.to_owned(), version.to_owned());
         if let Some(runtime) = runtimes.get(&key) {
@@ -557,7 +557,7 @@ impl Pool {
     /// Follows a new snapshot: versions that are gone or changed stop keeping warm workers, and (when
     /// `compile` is set) versions new or changed since the last sync are compiled in the background, so their first
     /// request does not wait. Returns the compile tasks.
-    pub fn sync(self: &Arc<Self>, snapshot: &Snapshot, compile: bool) -> Vec<tokio::task::JoinHandle<()>> {
+    pub(crate) fn sync(self: &Arc<Self>, snapshot: &Snapshot, compile: bool) -> Vec<tokio::task::JoinHandle<()>> {
         let mut current = HashMap::new();
         for app in snapshot.apps.values() {
             for version in &app.versions {
@@ -639,7 +639,7 @@ impl Pool {
     }
 
     /// Guest CPU per deployed WASM version, and the CPU of versions no longer deployed.
-    pub fn guest_cpu(&self) -> (Vec<(String, String, Duration)>, Duration) {
+    pub(crate) fn guest_cpu(&self) -> (Vec<(String, String, Duration)>, Duration) {
         let meters = self.meters.lock().unwrap_or_else(|p| p.into_inner());
         let versions = meters
             .iter()
@@ -650,7 +650,7 @@ impl Pool {
 
     /// A worker for `runtime`: a warm one, a new one in a free or evicted slot, or one that frees up before
     /// `deadline`. A new instance is started under `clock`, whose deadline covers its instantiation.
-    pub async fn acquire(
+    pub(crate) async fn acquire(
         &self,
         runtime: &Arc<VersionRuntime>,
         clock: &Arc<CallClock>,
@@ -839,12 +839,12 @@ impl Pool {
     /// or waits idle; otherwise it is dropped and its slot passed on. `failed` says whether the app failed the
     /// request (a trap, a timeout, no response), as opposed to a client that went away: only that counts toward
     /// the version's failure score.
-    pub fn release(&self, lease: Lease, healthy: bool, failed: bool) {
+    pub(crate) fn release(&self, lease: Lease, healthy: bool, failed: bool) {
         self.put_back(lease, healthy, Some(failed));
     }
 
     /// Takes back a worker that served no request (a health check): kept warm if its version keeps workers.
-    pub fn release_unused(&self, lease: Lease) {
+    pub(crate) fn release_unused(&self, lease: Lease) {
         self.put_back(lease, true, None);
     }
 
@@ -903,7 +903,7 @@ impl Pool {
     }
 
     /// Drops idle workers past their `idleTimeout` or `ttl`. Run every [`REAP_INTERVAL`] by [`Pool::spawn_reaper`].
-    pub fn reap(&self) -> usize {
+    pub(crate) fn reap(&self) -> usize {
         let now = Instant::now();
         let reaped: Vec<Idle> = {
             let mut state = self.shared.lock();
@@ -942,7 +942,7 @@ impl Pool {
     }
 
     /// Reaps idle workers in the background for as long as the pool lives.
-    pub fn spawn_reaper(self: &Arc<Self>) {
+    pub(crate) fn spawn_reaper(self: &Arc<Self>) {
         let pool = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(REAP_INTERVAL);
@@ -956,7 +956,7 @@ impl Pool {
     }
 
     /// Drops every idle worker (at shutdown, so instances go before the engine).
-    pub fn clear(&self) {
+    pub(crate) fn clear(&self) {
         let dropped: Vec<Idle> = {
             let mut state = self.shared.lock();
             state.lru.clear();

@@ -16,10 +16,10 @@ use crate::backends::wasm::worker::Identity;
 
 /// One worker, as the stats see it.
 #[derive(Debug)]
-pub struct WorkerStatus {
-    pub id: u64,
-    pub identity: Identity,
-    pub created: Instant,
+pub(crate) struct WorkerStatus {
+    pub(crate) id: u64,
+    pub(crate) identity: Identity,
+    pub(crate) created: Instant,
     busy: AtomicBool,
     requests: AtomicU64,
     /// When it last finished a request, in microseconds after `created` (0: never).
@@ -30,19 +30,19 @@ pub struct WorkerStatus {
 
 /// A worker's status read at one moment.
 #[derive(Debug, Clone)]
-pub struct WorkerReading {
-    pub id: u64,
-    pub app: String,
-    pub version: String,
-    pub busy: bool,
-    pub age_ms: u64,
-    pub idle_ms: u64,
-    pub requests: u64,
-    pub memory_bytes: u64,
+pub(crate) struct WorkerReading {
+    pub(crate) id: u64,
+    pub(crate) app: String,
+    pub(crate) version: String,
+    pub(crate) busy: bool,
+    pub(crate) age_ms: u64,
+    pub(crate) idle_ms: u64,
+    pub(crate) requests: u64,
+    pub(crate) memory_bytes: u64,
 }
 
 impl WorkerStatus {
-    pub fn new(id: u64, identity: Identity, created: Instant) -> WorkerStatus {
+    pub(crate) fn new(id: u64, identity: Identity, created: Instant) -> WorkerStatus {
         WorkerStatus {
             id,
             identity,
@@ -55,12 +55,12 @@ impl WorkerStatus {
     }
 
     /// The worker was lent to a request.
-    pub fn lent(&self) {
+    pub(crate) fn lent(&self) {
         self.busy.store(true, Ordering::Relaxed);
     }
 
     /// The worker finished a request (`served` in all) at `now`.
-    pub fn finished(&self, served: u64, now: Instant) {
+    pub(crate) fn finished(&self, served: u64, now: Instant) {
         self.requests.store(served, Ordering::Relaxed);
         let since = now.saturating_duration_since(self.created).as_micros();
         self.last_used_us
@@ -69,20 +69,20 @@ impl WorkerStatus {
     }
 
     /// Requests finished so far.
-    pub fn requests(&self) -> u64 {
+    pub(crate) fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
     }
 
     /// When it last finished a request (its creation, if it never has).
-    pub fn last_used(&self) -> Instant {
+    pub(crate) fn last_used(&self) -> Instant {
         self.created + std::time::Duration::from_micros(self.last_used_us.load(Ordering::Relaxed))
     }
 
-    pub fn memory_bytes(&self) -> u64 {
+    pub(crate) fn memory_bytes(&self) -> u64 {
         self.memory_bytes.load(Ordering::Relaxed)
     }
 
-    pub fn read(&self, now: Instant) -> WorkerReading {
+    pub(crate) fn read(&self, now: Instant) -> WorkerReading {
         let age = now.saturating_duration_since(self.created);
         let busy = self.busy.load(Ordering::Relaxed);
         let last_used_us = self.last_used_us.load(Ordering::Relaxed);
@@ -116,7 +116,7 @@ pub struct WorkerTable {
 
 impl WorkerTable {
     /// Lists `status` until the returned registration is dropped (with its worker).
-    pub fn register(self: &Arc<Self>, status: Arc<WorkerStatus>) -> Registration {
+    pub(crate) fn register(self: &Arc<Self>, status: Arc<WorkerStatus>) -> Registration {
         let id = status.id;
         self.shard(id).insert(id, status);
         Registration {
@@ -126,7 +126,7 @@ impl WorkerTable {
     }
 
     /// Every live worker, by id.
-    pub fn read(&self, now: Instant) -> Vec<WorkerReading> {
+    pub(crate) fn read(&self, now: Instant) -> Vec<WorkerReading> {
         let mut readings: Vec<WorkerReading> = (0..SHARDS as u64)
             .flat_map(|shard| {
                 let workers = self.shard(shard);
@@ -146,7 +146,7 @@ impl WorkerTable {
 
 /// A worker's place in the [`WorkerTable`]; dropping it takes the worker off the list.
 #[derive(Debug)]
-pub struct Registration {
+pub(crate) struct Registration {
     table: Arc<WorkerTable>,
     id: u64,
 }
@@ -162,13 +162,13 @@ impl Drop for Registration {
 /// What it allows is what the guest gets: growth past the memory's declared maximum is refused here (by
 /// `StoreLimits`), and a pooled slot reserves the largest cap a config may set, so wasmtime does not fail a growth
 /// after it was allowed (short of the OS failing to map memory, which is not taken back).
-pub struct MeteredLimits {
+pub(crate) struct MeteredLimits {
     limits: StoreLimits,
     status: Arc<WorkerStatus>,
 }
 
 impl MeteredLimits {
-    pub fn new(limits: StoreLimits, status: Arc<WorkerStatus>) -> MeteredLimits {
+    pub(crate) fn new(limits: StoreLimits, status: Arc<WorkerStatus>) -> MeteredLimits {
         MeteredLimits { limits, status }
     }
 }

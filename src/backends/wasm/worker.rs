@@ -23,21 +23,21 @@ use crate::backends::wasm::status::{MeteredLimits, Registration, WorkerStatus, W
 use crate::deploy::registry::Deployment;
 
 /// The longest guest output line logged whole; longer lines are cut, so one line cannot hold much memory.
-pub const MAX_LOG_LINE_BYTES: usize = 4096;
+pub(crate) const MAX_LOG_LINE_BYTES: usize = 4096;
 /// Lines of guest output logged per request; the rest are counted and dropped, so a chatty guest cannot flood
 /// the log.
-pub const MAX_LOG_LINES_PER_REQUEST: u32 = 200;
+pub(crate) const MAX_LOG_LINES_PER_REQUEST: u32 = 200;
 
 /// Failure lines (traps, timeouts, missing responses) logged per app version per second; the rest are counted and
 /// reported with the next line that gets through, so an app that crashes on every request cannot flood the log
 /// (and slow the host writing it).
-pub const MAX_FAILURE_LOGS_PER_SECOND: u32 = 10;
+pub(crate) const MAX_FAILURE_LOGS_PER_SECOND: u32 = 10;
 
 static NEXT_WORKER_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Admits at most [`MAX_FAILURE_LOGS_PER_SECOND`] lines a second.
 #[derive(Debug, Default)]
-pub struct LogLimiter {
+pub(crate) struct LogLimiter {
     second: AtomicU64,
     used: std::sync::atomic::AtomicU32,
     suppressed: AtomicU64,
@@ -45,7 +45,7 @@ pub struct LogLimiter {
 
 impl LogLimiter {
     /// `Some(n)`: log this line, saying that `n` lines were dropped before it; `None`: drop it.
-    pub fn admit(&self) -> Option<u64> {
+    pub(crate) fn admit(&self) -> Option<u64> {
         let second = CLOCK_BASE.elapsed().as_secs();
         if self.second.swap(second, Ordering::Relaxed) != second {
             self.used.store(0, Ordering::Relaxed);
@@ -94,13 +94,13 @@ pub struct CallClock {
 static CLOCK_BASE: LazyLock<Instant> = LazyLock::new(Instant::now);
 
 impl CallClock {
-    pub fn new(deadline: Option<Instant>) -> CallClock {
+    pub(crate) fn new(deadline: Option<Instant>) -> CallClock {
         let clock = CallClock::default();
         clock.set_deadline(deadline);
         clock
     }
 
-    pub fn set_deadline(&self, deadline: Option<Instant>) {
+    pub(crate) fn set_deadline(&self, deadline: Option<Instant>) {
         let encoded = match deadline {
             Some(deadline) => {
                 let after = deadline.saturating_duration_since(*CLOCK_BASE).as_nanos();
@@ -119,20 +119,20 @@ impl CallClock {
     }
 
     /// Whether the guest was interrupted because its deadline passed.
-    pub fn timed_out(&self) -> bool {
+    pub(crate) fn timed_out(&self) -> bool {
         self.timed_out.load(Ordering::Relaxed)
     }
 
-    pub fn set_queued(&self, queued: bool) {
+    pub(crate) fn set_queued(&self, queued: bool) {
         self.queued.store(queued, Ordering::Relaxed);
     }
 
-    pub fn is_queued(&self) -> bool {
+    pub(crate) fn is_queued(&self) -> bool {
         self.queued.load(Ordering::Relaxed)
     }
 
     /// Epoch yields so far.
-    pub fn yields(&self) -> u64 {
+    pub(crate) fn yields(&self) -> u64 {
         self.yields.load(Ordering::Relaxed)
     }
 }
@@ -161,7 +161,7 @@ pub struct Worker {
     pub store: Store<WorkerState>,
     pub proxy: Proxy,
     /// Its id, age, requests served and last use; listed in the pool's table while `_listed` lives.
-    pub status: Arc<WorkerStatus>,
+    pub(crate) status: Arc<WorkerStatus>,
     _listed: Registration,
 }
 
@@ -229,7 +229,7 @@ impl Worker {
         })
     }
 
-    pub fn id(&self) -> u64 {
+    pub(crate) fn id(&self) -> u64 {
         self.status.id
     }
 

@@ -20,7 +20,7 @@ use crate::deploy::config::WorkerConfig;
 
 pub use resolve::{parse_spec, parse_target, Spec, SpecError, Target};
 pub use scan::{load_version, scan_app, scan_apps_dir, valid_app_name, DEFAULT_ENTRYPOINTS, MAX_APP_NAME_LEN};
-pub use watch::{Watcher, DEBOUNCE};
+pub(crate) use watch::Watcher;
 
 /// How a version serves requests, decided by its entrypoint's extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -72,7 +72,7 @@ pub struct App {
 
 impl App {
     /// The versions as strings, highest first, for error messages.
-    pub fn version_list(&self) -> Vec<String> {
+    pub(crate) fn version_list(&self) -> Vec<String> {
         self.versions.iter().map(|v| v.version.to_string()).collect()
     }
 }
@@ -106,7 +106,7 @@ pub enum ResolveError {
 /// The version a request resolved to, held by the request until it finishes.
 #[derive(Debug, Clone)]
 pub struct Resolved {
-    pub app: Arc<App>,
+    pub(crate) app: Arc<App>,
     pub version: Arc<AppVersion>,
 }
 
@@ -133,7 +133,7 @@ impl Snapshot {
     }
 
     /// Apps sorted by name, for listings.
-    pub fn sorted_apps(&self) -> Vec<&Arc<App>> {
+    pub(crate) fn sorted_apps(&self) -> Vec<&Arc<App>> {
         let mut apps: Vec<_> = self.apps.values().collect();
         apps.sort_by(|a, b| a.name.cmp(&b.name));
         apps
@@ -154,7 +154,7 @@ pub struct Registry {
 
 impl Registry {
     /// An empty registry for `apps_dir`; call [`Registry::reload_all`] to fill it.
-    pub fn new(apps_dir: PathBuf) -> Registry {
+    pub(crate) fn new(apps_dir: PathBuf) -> Registry {
         Registry::from_snapshot(apps_dir, Snapshot::default())
     }
 
@@ -169,7 +169,7 @@ impl Registry {
     }
 
     /// A receiver that sees a new value after every reload.
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+    pub(crate) fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()
     }
 
@@ -178,7 +178,7 @@ impl Registry {
         self.changes.send_modify(|generation| *generation += 1);
     }
 
-    pub fn apps_dir(&self) -> &Path {
+    pub(crate) fn apps_dir(&self) -> &Path {
         &self.apps_dir
     }
 
@@ -188,7 +188,7 @@ impl Registry {
     }
 
     /// Rescans the whole of APPS_DIR and swaps the result in.
-    pub fn reload_all(&self) -> std::io::Result<()> {
+    pub(crate) fn reload_all(&self) -> std::io::Result<()> {
         let _reloading = self.reloading.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let snapshot = scan_apps_dir(&self.apps_dir)?;
         log_problems(snapshot.apps.values().map(|a| a.as_ref()), &snapshot.ignored);
@@ -197,7 +197,7 @@ impl Registry {
     }
 
     /// Rescans one app directory (added, changed or removed) and swaps in a snapshot with just that app changed.
-    pub fn reload_app(&self, name: &str) {
+    pub(crate) fn reload_app(&self, name: &str) {
         if !valid_app_name(name) {
             return;
         }

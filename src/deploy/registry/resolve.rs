@@ -24,7 +24,7 @@ pub enum Spec {
 #[error("{spec:?} is not a version or a semver range: {reason}")]
 pub struct SpecError {
     pub spec: String,
-    pub reason: String,
+    pub(crate) reason: String,
 }
 
 /// The first path segment split into its app name and version spec, percent-decoded.
@@ -111,7 +111,7 @@ impl Spec {
     ///
     /// Prereleases are chosen only when the spec names one (npm's rule, which `VersionReq::matches` applies),
     /// or, for [`Spec::Latest`], when the app has nothing else.
-    pub fn pick<'v, T>(&self, versions: &'v [T], version_of: impl Fn(&T) -> &Version) -> Option<&'v T> {
+    pub(crate) fn pick<'v, T>(&self, versions: &'v [T], version_of: impl Fn(&T) -> &Version) -> Option<&'v T> {
         match self {
             Spec::Latest => versions
                 .iter()

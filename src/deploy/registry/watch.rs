@@ -19,16 +19,16 @@ use notify_debouncer_full::{new_debouncer, DebounceEventResult, Debouncer, Recom
 use super::Registry;
 
 /// How long a burst of filesystem events must be quiet before the apps it touched are rescanned.
-pub const DEBOUNCE: Duration = Duration::from_millis(200);
+pub(crate) const DEBOUNCE: Duration = Duration::from_millis(200);
 
 /// A running watch over APPS_DIR; dropping it stops the watch and its thread.
-pub struct Watcher {
+pub(crate) struct Watcher {
     _debouncer: Debouncer<RecommendedWatcher, RecommendedCache>,
 }
 
 impl Watcher {
     /// Starts watching `registry`'s APPS_DIR. Reloads run on the watcher's own thread, off the request path.
-    pub fn start(registry: Arc<Registry>) -> Result<Watcher, notify::Error> {
+    pub(crate) fn start(registry: Arc<Registry>) -> Result<Watcher, notify::Error> {
         let apps_dir = registry.apps_dir().to_path_buf();
         let mut debouncer = new_debouncer(DEBOUNCE, None, move |result: DebounceEventResult| {
             let changed = match result {

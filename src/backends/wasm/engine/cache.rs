@@ -16,14 +16,14 @@ use wasmtime::component::Component;
 use super::{compile, LoadError};
 
 /// The on-disk compile cache.
-pub struct Cache {
+pub(crate) struct Cache {
     dir: PathBuf,
     /// Hex hash of the engine's compatibility settings, part of every entry's name.
     engine_hash: String,
 }
 
 /// Where compiled components go when `--cache-dir` is not given: the user's cache directory, never APPS_DIR.
-pub fn default_cache_dir() -> PathBuf {
+pub(crate) fn default_cache_dir() -> PathBuf {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .filter(|dir| !dir.is_empty())
         .map(PathBuf::from)
@@ -39,7 +39,7 @@ pub fn default_cache_dir() -> PathBuf {
 impl Cache {
     /// Opens (creating) the cache directory. It is made private to the user: whoever can write it can make the
     /// host run code.
-    pub fn open(dir: &Path, engine: &wasmtime::Engine) -> std::io::Result<Cache> {
+    pub(crate) fn open(dir: &Path, engine: &wasmtime::Engine) -> std::io::Result<Cache> {
         std::fs::create_dir_all(dir)?;
         #[cfg(unix)]
         {
@@ -61,7 +61,11 @@ impl Cache {
 
     /// The compiled component for `bytes`: from the cache when a sound entry exists, compiled and stored otherwise.
     /// Returns whether it came from the cache.
-    pub fn load_or_compile(&self, engine: &wasmtime::Engine, bytes: &[u8]) -> Result<(Component, bool), LoadError> {
+    pub(crate) fn load_or_compile(
+        &self,
+        engine: &wasmtime::Engine,
+        bytes: &[u8],
+    ) -> Result<(Component, bool), LoadError> {
         let path = self.entry(bytes);
         if path.exists() {
             match self.load(engine, &path) {

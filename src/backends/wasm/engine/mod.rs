@@ -16,14 +16,14 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Enabled, InstanceAllocationStrategy, PoolingAllocationConfig};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
-pub use cache::{default_cache_dir, Cache};
+pub(crate) use cache::{default_cache_dir, Cache};
 
 use crate::backends::wasm::lanes::Lanes;
 use crate::backends::wasm::worker::WorkerState;
 
 /// How often the epoch advances. A guest yields to the scheduler at least this often, and a deadline is enforced
 /// to within about this much.
-pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 /// Pooling-allocator slots per instance beyond its one component instance: core instances, memories and tables
 /// of the (small) modules a component is made of. Generous, because a slot is only address space until used.
@@ -52,14 +52,14 @@ pub struct EngineSettings {
 pub struct Loaded {
     pub pre: ProxyPre<WorkerState>,
     /// Whether the compiled code came from the disk cache.
-    pub from_cache: bool,
-    pub load_time: Duration,
+    pub(crate) from_cache: bool,
+    pub(crate) load_time: Duration,
 }
 
 /// Why a component cannot be loaded. The message is for the log and for the app's 503.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct LoadError(pub String);
+pub struct LoadError(pub(crate) String);
 
 /// The process-wide engine, linker and cache.
 pub struct Engine {
@@ -118,12 +118,12 @@ impl Engine {
     }
 
     /// The executors guest code runs on.
-    pub fn lanes(&self) -> &Lanes {
+    pub(crate) fn lanes(&self) -> &Lanes {
         &self.lanes
     }
 
     /// Whether instances come from the pooling allocator.
-    pub fn is_pooling(&self) -> bool {
+    pub(crate) fn is_pooling(&self) -> bool {
         self.pooling
     }
 
