@@ -17,6 +17,7 @@ const LAYERS: &[&[&str]] = &[
     &["backends"],
     &["error"],
     &["deploy"],
+    &["negotiate"],
 ];
 
 /// The layer and the module that `path` (`a::b::c`, without `crate::`) belongs to.

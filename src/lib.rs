@@ -19,6 +19,7 @@
 //! 6. [`error`]: every failure a request can meet, and the one place it becomes a JSON response.
 //! 7. [`deploy`]: what is on disk: `worker.config.json` and its schema, compiled proxy rules, the registry of
 //!    apps and versions (scan, semver resolution, hot reload). It knows nothing of HTTP responses.
+//! 8. `negotiate`: reading weighted header lists (`Accept`, `Accept-Encoding`), for any route that negotiates.
 
 pub mod backends;
 pub mod cli;
@@ -27,5 +28,6 @@ pub mod error;
 #[cfg(test)]
 mod layers;
 pub mod metrics;
+mod negotiate;
 pub mod routes;
 pub mod server;

@@ -19,6 +19,7 @@ use tokio_util::io::ReaderStream;
 use crate::deploy::config::CONFIG_FILE;
 use crate::deploy::registry::Deployment;
 use crate::error::Error;
+use crate::negotiate::weighted;
 
 /// Dot-files are private (`.env`, `.git`) except this one, which exists to be public.
 const PUBLIC_DOT_DIR: &str = ".well-known";
@@ -55,7 +56,7 @@ pub async fn serve(
                     let last = segments.last().map(String::as_str).unwrap_or_default();
                     format!("{}/", encode_segment(last))
                 };
-                return Ok(redirect_to(&location));
+                return redirect(&location);
             }
             match confined(root, &real.join("index.html")).await {
                 Found::Inside(index, meta) if meta.is_file() => Some(index),
@@ -130,13 +131,15 @@ fn encode_segment(segment: &str) -> String {
     percent_encoding::utf8_percent_encode(segment, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
-fn redirect_to(location: &str) -> Response {
+/// A 308 to `location`: the method and body are kept, and clients may remember it. A location that cannot be a
+/// header value (it is built from the request's own path, so this does not happen) is refused rather than sent
+/// without a `Location`.
+pub(crate) fn redirect(location: &str) -> Result<Response, Error> {
+    let value = HeaderValue::from_str(location).map_err(|_| Error::NoRoute("the path cannot be redirected".into()))?;
     let mut response = Response::new(Body::empty());
     *response.status_mut() = StatusCode::PERMANENT_REDIRECT;
-    if let Ok(value) = HeaderValue::from_str(location) {
-        response.headers_mut().insert(header::LOCATION, value);
-    }
-    response
+    response.headers_mut().insert(header::LOCATION, value);
+    Ok(response)
 }
 
 /// A file and the representation chosen for this request.
@@ -264,21 +267,12 @@ async fn choose_representation(root: &Path, file: &Path, headers: &HeaderMap) ->
 /// Whether `Accept-Encoding` admits `coding` with a non-zero quality (directly or through `*`).
 fn accepts_encoding(headers: &HeaderMap, coding: &str) -> bool {
     let mut wildcard = None;
-    for value in headers.get_all(header::ACCEPT_ENCODING) {
-        let Ok(value) = value.to_str() else { continue };
-        for item in value.split(',') {
-            let mut parts = item.split(';');
-            let name = parts.next().unwrap_or_default().trim();
-            let quality = parts
-                .filter_map(|p| p.trim().strip_prefix("q=").or_else(|| p.trim().strip_prefix("Q=")))
-                .find_map(|q| q.trim().parse::<f32>().ok())
-                .unwrap_or(1.0);
-            if name.eq_ignore_ascii_case(coding) || (coding == "gzip" && name.eq_ignore_ascii_case("x-gzip")) {
-                return quality > 0.0;
-            }
-            if name == "*" {
-                wildcard = Some(quality > 0.0);
-            }
+    for (name, quality) in weighted(headers.get_all(header::ACCEPT_ENCODING)) {
+        if name == coding || (coding == "gzip" && name == "x-gzip") {
+            return quality > 0.0;
+        }
+        if name == "*" {
+            wildcard = Some(quality > 0.0);
         }
     }
     wildcard.unwrap_or(false)

@@ -107,7 +107,7 @@ async fn serve(
             if rest.is_empty() && (method == Method::GET || method == Method::HEAD) {
                 // `/app@1` -> `/app@1/`, so that the page's relative links resolve under its prefix.
                 let query = request.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
-                return Ok(permanent_redirect(&format!("{mount}/{query}")));
+                return static_files::redirect(&format!("{mount}/{query}"));
             }
             static_files::serve(deployment, app_path, method, request.headers()).await
         }
@@ -145,13 +145,6 @@ pub(crate) fn app_request<B>(mut request: http::Request<B>) -> http::Request<B> 
         request.headers_mut().insert(BASE_HEADER, value);
     }
     request
-}
-
-fn permanent_redirect(location: &str) -> Response {
-    match HeaderValue::from_str(location) {
-        Ok(location) => (StatusCode::PERMANENT_REDIRECT, [(header::LOCATION, location)]).into_response(),
-        Err(_) => Error::NoRoute("the path cannot be redirected".into()).into_response(),
-    }
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
+use axum::http::header::GetAll;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
@@ -14,6 +15,7 @@ use serde_json::{json, Value};
 use crate::deploy::registry::{App, AppVersion};
 use crate::error::Error;
 use crate::metrics;
+use crate::negotiate::weighted;
 use crate::routes::lifecycle::Phase;
 use crate::routes::sse;
 use crate::routes::AppState;
@@ -50,7 +52,7 @@ async fn metrics(
                 "format must be \"json\" or \"prometheus\", not {other:?}"
             )))
         }
-        None => prefers_prometheus(headers.get(header::ACCEPT)),
+        None => prefers_prometheus(headers.get_all(header::ACCEPT)),
     };
     let snapshot = state.metrics.snapshot();
     Ok(if prometheus {
@@ -68,18 +70,9 @@ struct MetricsQuery {
 
 /// Whether `Accept` ranks Prometheus's formats (`text/plain`, `application/openmetrics-text`) above JSON. A
 /// missing header, `*/*` and browsers' defaults get JSON.
-fn prefers_prometheus(accept: Option<&HeaderValue>) -> bool {
-    let Some(accept) = accept.and_then(|value| value.to_str().ok()) else {
-        return false;
-    };
+fn prefers_prometheus(accept: GetAll<'_, HeaderValue>) -> bool {
     let (mut text, mut json) = (0.0f32, 0.0f32);
-    for range in accept.split(',') {
-        let mut params = range.split(';');
-        let media = params.next().unwrap_or("").trim().to_ascii_lowercase();
-        let q = params
-            .filter_map(|param| param.trim().strip_prefix("q="))
-            .find_map(|q| q.trim().parse::<f32>().ok())
-            .unwrap_or(1.0);
+    for (media, q) in weighted(accept) {
         match media.as_str() {
             "text/plain" | "application/openmetrics-text" => text = text.max(q),
             "application/json" | "application/*" | "*/*" => json = json.max(q),
