@@ -17,7 +17,7 @@ const LAYERS: &[&[&str]] = &[
     &["backends"],
     &["error"],
     &["deploy"],
-    &["negotiate"],
+    &["negotiate", "log_fields"],
 ];
 
 /// The layer and the module that `path` (`a::b::c`, without `crate::`) belongs to.

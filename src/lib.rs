@@ -19,7 +19,8 @@
 //! 6. [`error`]: every failure a request can meet, and the one place it becomes a JSON response.
 //! 7. [`deploy`]: what is on disk: `worker.config.json` and its schema, compiled proxy rules, the registry of
 //!    apps and versions (scan, semver resolution, hot reload). It knows nothing of HTTP responses.
-//! 8. `negotiate`: reading weighted header lists (`Accept`, `Accept-Encoding`), for any route that negotiates.
+//! 8. `negotiate` and `log_fields`: reading weighted header lists (`Accept`, `Accept-Encoding`), and how values
+//!    are written in log lines; any layer may use them.
 
 pub mod backends;
 pub mod cli;
@@ -27,6 +28,7 @@ pub mod deploy;
 pub mod error;
 #[cfg(test)]
 mod layers;
+mod log_fields;
 pub mod metrics;
 mod negotiate;
 pub mod routes;

@@ -8,6 +8,7 @@ use std::time::Instant;
 use axum::http::{Method, Version};
 use axum::response::Response;
 
+use crate::log_fields::millis;
 use crate::metrics::Served;
 
 /// Writes the access line for a response to a request that arrived at `start`.
@@ -20,7 +21,7 @@ pub(crate) fn record(method: &Method, path: &str, http_version: Version, start: 
         app = served.map(|s| s.stats.app.as_str()).filter(|app| !app.is_empty()),
         version = served.map(|s| s.stats.version.as_str()).filter(|version| !version.is_empty()),
         status = response.status().as_u16(),
-        duration_ms = start.elapsed().as_secs_f64() * 1000.0,
+        duration_ms = millis(start.elapsed()),
         http = ?http_version,
         "request"
     );
