@@ -3,6 +3,7 @@
 //! code runs on, [`worker`] is one isolated instance, and [`status`] is the board every worker reports to.
 
 pub mod engine;
+pub(crate) mod guest_log;
 pub(crate) mod invoke;
 pub(crate) mod lanes;
 pub mod pool;

@@ -2,62 +2,26 @@
 //!
 //! A worker's whole world is built here: the config's `env` plus `MARINA_APP`/`MARINA_VERSION` (never the host's
 //! environment), its version directory mounted read-only at `/` (nothing else of the filesystem), no sockets,
-//! outbound HTTP only to `allowedOutboundHosts`, a memory cap, and stdout/stderr turned into log lines. A worker
-//! serves one request at a time; the pool decides whether it serves another.
+//! outbound HTTP only to `allowedOutboundHosts`, a memory cap, and stdout/stderr turned into log lines (by
+//! [`guest_log`](super::guest_log)). A worker serves one request at a time; the pool decides whether it serves
+//! another.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
-use bytes::Bytes;
 use wasmtime::component::ResourceTable;
 use wasmtime::{Store, StoreLimitsBuilder, UpdateDeadline};
-use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
-use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
+use crate::backends::wasm::guest_log::{GuestLog, LogBudget};
 use crate::backends::wasm::status::{MeteredLimits, Registration, WorkerStatus, WorkerTable};
 use crate::deploy::registry::Deployment;
 
-/// The longest guest output line logged whole; longer lines are cut, so one line cannot hold much memory.
-pub(crate) const MAX_LOG_LINE_BYTES: usize = 4096;
-/// Lines of guest output logged per request; the rest are counted and dropped, so a chatty guest cannot flood
-/// the log.
-pub(crate) const MAX_LOG_LINES_PER_REQUEST: u32 = 200;
-
-/// Failure lines (traps, timeouts, missing responses) logged per app version per second; the rest are counted and
-/// reported with the next line that gets through, so an app that crashes on every request cannot flood the log
-/// (and slow the host writing it).
-pub(crate) const MAX_FAILURE_LOGS_PER_SECOND: u32 = 10;
-
 static NEXT_WORKER_ID: AtomicU64 = AtomicU64::new(1);
-
-/// Admits at most [`MAX_FAILURE_LOGS_PER_SECOND`] lines a second.
-#[derive(Debug, Default)]
-pub(crate) struct LogLimiter {
-    second: AtomicU64,
-    used: std::sync::atomic::AtomicU32,
-    suppressed: AtomicU64,
-}
-
-impl LogLimiter {
-    /// `Some(n)`: log this line, saying that `n` lines were dropped before it; `None`: drop it.
-    pub(crate) fn admit(&self) -> Option<u64> {
-        let second = CLOCK_BASE.elapsed().as_secs();
-        if self.second.swap(second, Ordering::Relaxed) != second {
-            self.used.store(0, Ordering::Relaxed);
-        }
-        if self.used.fetch_add(1, Ordering::Relaxed) < MAX_FAILURE_LOGS_PER_SECOND {
-            Some(self.suppressed.swap(0, Ordering::Relaxed))
-        } else {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            None
-        }
-    }
-}
 
 /// Who a worker is, for logs and stats.
 #[derive(Debug, Clone)]
@@ -75,7 +39,7 @@ pub struct WorkerState {
     limits: MeteredLimits,
     /// The current call's deadline and yields, shared with the task that runs it.
     clock: Arc<CallClock>,
-    log_budget: std::sync::Arc<LogBudget>,
+    log_budget: Arc<LogBudget>,
 }
 
 /// What the epoch callback and the task running a call share: the deadline (which the task lifts once the
@@ -178,7 +142,7 @@ impl Worker {
         let config = &deployment.config;
         let id = NEXT_WORKER_ID.fetch_add(1, Ordering::Relaxed);
         let status = Arc::new(WorkerStatus::new(id, identity.clone(), Instant::now()));
-        let log_budget = std::sync::Arc::new(LogBudget::default());
+        let log_budget = Arc::new(LogBudget::default());
         let mut wasi = WasiCtx::builder();
         for (name, value) in &config.env {
             wasi.env(name, value);
@@ -300,171 +264,6 @@ impl WasiHttpHooks for OutboundPolicy {
             let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
             Ok((response.map(BodyExt::boxed_unsync), Box::new(io) as IoFuture))
         })
-    }
-}
-
-/// How many lines a worker may still log in the current request, shared by its stdout and stderr.
-#[derive(Default)]
-struct LogBudget {
-    used: std::sync::atomic::AtomicU32,
-    dropped: AtomicU64,
-}
-
-impl LogBudget {
-    fn take(&self) -> bool {
-        if self.used.fetch_add(1, Ordering::Relaxed) < MAX_LOG_LINES_PER_REQUEST {
-            return true;
-        }
-        self.dropped.fetch_add(1, Ordering::Relaxed);
-        false
-    }
-
-    fn reset(&self) {
-        self.used.store(0, Ordering::Relaxed);
-        self.dropped.store(0, Ordering::Relaxed);
-    }
-}
-
-/// A guest's stdout or stderr, as log lines tagged with `app@version`.
-#[derive(Clone)]
-struct GuestLog {
-    app: String,
-    version: String,
-    stream: &'static str,
-    budget: std::sync::Arc<LogBudget>,
-}
-
-impl GuestLog {
-    fn new(identity: &Identity, stream: &'static str, budget: std::sync::Arc<LogBudget>) -> GuestLog {
-        GuestLog {
-            app: identity.app.clone(),
-            version: identity.version.clone(),
-            stream,
-            budget,
-        }
-    }
-
-    fn emit(&self, line: &[u8]) {
-        if !self.budget.take() {
-            if self.budget.dropped.load(Ordering::Relaxed) == 1 {
-                tracing::warn!(
-                    target: "marina::guest",
-                    app = %self.app,
-                    version = %self.version,
-                    "guest output over {MAX_LOG_LINES_PER_REQUEST} lines in one request; dropping the rest"
-                );
-            }
-            return;
-        }
-        let line = String::from_utf8_lossy(line);
-        tracing::info!(
-            target: "marina::guest",
-            app = %self.app,
-            version = %self.version,
-            stream = self.stream,
-            "{}",
-            line.trim_end_matches(['\r', '\n'])
-        );
-    }
-}
-
-impl IsTerminal for GuestLog {
-    fn is_terminal(&self) -> bool {
-        false
-    }
-}
-
-impl StdoutStream for GuestLog {
-    fn p2_stream(&self) -> Box<dyn OutputStream> {
-        Box::new(LineWriter::new(self))
-    }
-
-    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
-        Box::new(LineWriter::new(self))
-    }
-}
-
-/// Splits a byte stream into lines for [`GuestLog`], holding at most one partial line of
-/// [`MAX_LOG_LINE_BYTES`].
-struct LineWriter {
-    log: GuestLog,
-    pending: Vec<u8>,
-}
-
-impl LineWriter {
-    fn new(log: &GuestLog) -> LineWriter {
-        LineWriter {
-            log: log.clone(),
-            pending: Vec::new(),
-        }
-    }
-
-    fn push(&mut self, mut bytes: &[u8]) {
-        while let Some(end) = bytes.iter().position(|&b| b == b'\n') {
-            self.append(&bytes[..end]);
-            self.log.emit(&self.pending);
-            self.pending.clear();
-            bytes = &bytes[end + 1..];
-        }
-        self.append(bytes);
-    }
-
-    fn append(&mut self, bytes: &[u8]) {
-        let room = MAX_LOG_LINE_BYTES.saturating_sub(self.pending.len());
-        self.pending.extend_from_slice(&bytes[..bytes.len().min(room)]);
-    }
-}
-
-impl Drop for LineWriter {
-    fn drop(&mut self) {
-        if !self.pending.is_empty() {
-            self.log.emit(&self.pending);
-        }
-    }
-}
-
-impl OutputStream for LineWriter {
-    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
-        self.push(&bytes);
-        Ok(())
-    }
-
-    fn flush(&mut self) -> StreamResult<()> {
-        Ok(())
-    }
-
-    fn check_write(&mut self) -> StreamResult<usize> {
-        Ok(64 * 1024)
-    }
-}
-
-#[async_trait::async_trait]
-impl Pollable for LineWriter {
-    async fn ready(&mut self) {}
-}
-
-impl tokio::io::AsyncWrite for LineWriter {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        self.get_mut().push(buf);
-        std::task::Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
     }
 }
 
