@@ -48,4 +48,19 @@ impl AppState {
             upstreams: Arc::new(Upstreams::new()),
         })
     }
+
+    /// Scans `apps_dir` once, compiles every component, and marks the state ready: what the server's loader does
+    /// before it follows changes, without the watcher, for driving the server's `Front` in process (benchmarks).
+    /// An unreadable `apps_dir` is the error, and leaves the state loading.
+    pub async fn load(&self) -> std::io::Result<()> {
+        let registry = self.registry.clone();
+        tokio::task::spawn_blocking(move || registry.reload_all())
+            .await
+            .expect("the scan does not panic")?;
+        for task in self.pool.sync(&self.registry.snapshot(), true) {
+            let _ = task.await;
+        }
+        self.lifecycle.set_ready();
+        Ok(())
+    }
 }

@@ -1,5 +1,4 @@
 //! What the load benchmarks share: servers started in this process, and `wrk` runs read into numbers.
-#![allow(dead_code)] // each benchmark uses a different part of this module
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -97,38 +96,47 @@ pub fn proxied_apps(upstream: SocketAddr) -> tempfile::TempDir {
     apps
 }
 
-/// Marina's plain-HTTP upstream pool behind hyper's HTTP/1.1 server and nothing else: what forwarding costs on
-/// this stack before any of Marina's own work.
+/// The floor under a proxy rule: hyper's HTTP/1.1 server and client and nothing else, so that the distance
+/// from here to a Marina proxy rule is what Marina's own work costs (routing, the rule, header handling, timeouts,
+/// metrics, and its upstream pool's bookkeeping). Each client connection gets one upstream connection, opened with
+/// it and driven by the same task, and its requests go through as they came (path, headers, body): the client's
+/// keep-alive connections make a pool unnecessary, and one task for both sides hands nothing between tasks (nor
+/// does Marina's own plain-HTTP upstream pool).
 pub async fn start_floor(upstream: SocketAddr) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use hyper::body::Incoming;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let pool = std::sync::Arc::new(marina::backends::proxy::http1::Http1Pool::default());
-    let authority: http::uri::Authority = upstream.to_string().parse().unwrap();
     let task = tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let _ = stream.set_nodelay(true);
-            let (pool, authority) = (pool.clone(), authority.clone());
-            let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
-                let (pool, authority) = (pool.clone(), authority.clone());
-                async move {
-                    let (parts, body) = request.into_parts();
-                    let mut forwarded = http::Request::new(axum::body::Body::new(body));
-                    *forwarded.uri_mut() = parts.uri.path_and_query().cloned().map(http::Uri::from).unwrap();
-                    *forwarded.headers_mut() = parts.headers;
-                    let response = match pool.send(&authority, forwarded).await {
-                        Ok(response) => response.map(axum::body::Body::new),
-                        Err(_) => http::Response::builder()
-                            .status(502)
-                            .body(axum::body::Body::empty())
-                            .unwrap(),
-                    };
-                    Ok::<_, std::convert::Infallible>(response)
+            tokio::spawn(async move {
+                let _ = stream.set_nodelay(true);
+                let Ok(upstream_stream) = tokio::net::TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let _ = upstream_stream.set_nodelay(true);
+                let io = hyper_util::rt::TokioIo::new(upstream_stream);
+                let Ok((sender, connection)) = hyper::client::conn::http1::handshake::<_, Incoming>(io).await else {
+                    return;
+                };
+                // HTTP/1.1 serves one request of a connection at a time, so the lock is never contended; it is
+                // tokio's because it is held across the upstream's answer.
+                let sender = std::sync::Arc::new(tokio::sync::Mutex::new(sender));
+                let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
+                    let sender = sender.clone();
+                    async move {
+                        let mut sender = sender.lock().await;
+                        sender.ready().await?;
+                        sender.send_request(request).await
+                    }
+                });
+                let inbound = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                // Whichever side ends first ends both.
+                tokio::select! {
+                    _ = inbound => {}
+                    _ = connection => {}
                 }
             });
-            tokio::spawn(
-                hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
-            );
         }
     });
     (addr, task)

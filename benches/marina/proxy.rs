@@ -1,8 +1,8 @@
-//! Proxy rules under load: an upstream called directly, through a Marina proxy rule, through Marina's upstream
-//! pool behind a bare hyper server (the floor of this stack), and through nginx's `proxy_pass` with keep-alive
-//! upstream connections, all in the same run with the same load.
+//! Proxy rules under load: an upstream called directly, through a Marina proxy rule, through the floor of this
+//! stack (hyper's HTTP/1.1 server and client with nothing of Marina's, [`harness::start_floor`]), and through
+//! nginx's `proxy_pass` with keep-alive upstream connections, all in the same run with the same load.
 //!
-//! `cargo bench --bench proxy` (needs `wrk`: `apt-get install wrk`; nginx is included when `NGINX` names its
+//! `cargo bench --bench marina -- proxy` (needs `wrk`: `apt-get install wrk`; nginx is included when `NGINX` names its
 //! binary or `nginx` is on the PATH: `apt-get install nginx`). Each scenario is a `wrk -t2 -c64` run of
 //! `BENCH_SECS` (default 10), the scenarios taking turns for `BENCH_ROUNDS` rounds (default 3); the table shows
 //! each scenario's median round. The upstream is an axum "hello" handler on a runtime of its own. Run without
@@ -15,20 +15,16 @@
 //!
 //! The comparison is not quite like for like, in nginx's favour: Marina also resolves the app's version, matches
 //! the rule's regex, and adds `X-Forwarded-For`, `-Proto`, `-Host` and `Via`, which this nginx config does not.
-//! The floor does none of that either: it forwards path and headers as they come, so the distance between it and
-//! the rule is what routing, rules, header handling, timeouts and metrics cost.
+//! The floor does none of that either: it forwards path and headers as they come, one upstream connection per
+//! client connection, so the distance between it and the rule is what routing, rules, header handling, timeouts,
+//! metrics and Marina's upstream pool cost.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-mod harness;
-use harness::{start_marina, start_native, wrk, Load, CONNECTIONS};
-
-/// The server's allocator, so allocation costs what it costs there (the upstream and the floor share it).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+use crate::harness::{self, start_marina, start_native, wrk, Load, CONNECTIONS};
 
 /// The name of the upstream runtime's threads, whose CPU time is counted apart.
 const UPSTREAM_THREADS: &str = "upstream";
@@ -123,7 +119,7 @@ fn start_nginx(upstream: SocketAddr, dir: &Path) -> Option<(Child, SocketAddr)> 
     harness::when_listening(child, addr, Duration::from_secs(10))
 }
 
-fn main() {
+pub fn main() {
     let (benchmarking, secs) = harness::settings();
     // The upstream gets its own runtime, so that what is measured through Marina is Marina's share of the work.
     let upstream_runtime = tokio::runtime::Builder::new_multi_thread()
@@ -153,7 +149,7 @@ fn main() {
                 Forwarder::ThisProcess,
             ),
             (
-                "floor: Marina's upstream pool behind bare hyper",
+                "floor: hyper's server and client, nothing of Marina's",
                 format!("http://{floor}/"),
                 Forwarder::ThisProcess,
             ),

@@ -1,7 +1,7 @@
 //! Isolation under load: how much of its rate a healthy app keeps, and how fast the host's own `/_/health`
 //! answers, while apps beside it misbehave, against the same load beside a well-behaved neighbour.
 //!
-//! `cargo bench --bench isolation` (needs `wrk`: `apt-get install wrk`). One server in this process with
+//! `cargo bench --bench marina -- isolation` (needs `wrk`: `apt-get install wrk`). One server in this process with
 //! `POOL_SIZE` 8 (live instances across all apps) and every component compiled before it is ready. The healthy
 //! app, `hello` with `ttl > 0`, is loaded by `wrk -t1 -c16` for `BENCH_SECS` (default 10) in each of three
 //! scenarios:
@@ -53,15 +53,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-mod harness;
-
-// The test harness's guest builder and apps directory: the benchmark runs the same components the tests do.
-#[path = "../tests/common/mod.rs"]
-mod common;
-
-/// The server's allocator, so allocation costs what it costs in the binary.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+use crate::{common, harness};
 
 /// Live instances across all apps: fewer than the connections, so the apps compete for them.
 const POOL_SIZE: usize = 8;
@@ -569,7 +561,7 @@ fn per_second(rate: f64) -> String {
     }
 }
 
-fn main() {
+pub fn main() {
     let started = Instant::now();
     let (benchmarking, secs) = harness::settings();
     let secs = if benchmarking { secs.max(1) } else { SMOKE_SECS };

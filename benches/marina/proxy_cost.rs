@@ -2,13 +2,13 @@
 //! from run to run, where rates and CPU times on this shared machine move by 15% between runs. That makes it the
 //! measure to judge a change to the forward path by.
 //!
-//! `cargo bench --bench proxy_cost` (needs valgrind: `apt-get install valgrind`). The benchmark runs itself under
-//! callgrind, once per scenario and request count. A client sends `PROXY_COST_REQUESTS` (default 2000) sequential
-//! requests on one keep-alive connection, then twice that many. The difference between the two counts, divided
-//! by the difference in requests, is the cost of one request, with start-up and shutdown cancelled out. Counted:
-//! every thread's user-space instructions (client, forwarder and upstream; not the kernel's). The scenarios are
-//! the same as `benches/proxy.rs`: the upstream called directly, the floor (Marina's upstream pool behind a bare
-//! hyper server), and a Marina proxy rule. Subtracting the direct count leaves what forwarding adds.
+//! `cargo bench --bench marina -- proxy_cost` (needs valgrind: `apt-get install valgrind`). The benchmark runs itself
+//! under callgrind, once per scenario and request count. A client sends `PROXY_COST_REQUESTS` (default 2000) sequential
+//! requests on one keep-alive connection, then twice that many. The difference between the two counts, divided by the
+//! difference in requests, is the cost of one request, with start-up and shutdown cancelled out. Counted: every
+//! thread's user-space instructions (client, forwarder and upstream; not the kernel's). The scenarios are the same as
+//! the `proxy` benchmark's: the upstream called directly, the floor (hyper's server and client with nothing of
+//! Marina's), and a Marina proxy rule. Subtracting the direct count leaves what forwarding adds.
 //!
 //! Run without `--bench` (as `cargo test --all-targets` does), each scenario answers a few requests natively.
 
@@ -19,16 +19,12 @@ use axum::body::Body;
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 
-mod harness;
-
-/// The server's allocator, so allocation costs what it costs there.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+use crate::harness;
 
 /// The scenarios, by the name the child process is given.
 const SCENARIOS: [(&str, &str); 3] = [
     ("direct", "upstream, direct"),
-    ("floor", "floor: Marina's upstream pool behind bare hyper"),
+    ("floor", "floor: hyper's server and client, nothing of Marina's"),
     ("marina", "through a Marina proxy rule"),
 ];
 
@@ -36,12 +32,17 @@ const SCENARIOS: [(&str, &str); 3] = [
 const SCENARIO_VAR: &str = "PROXY_COST_SCENARIO";
 const REQUESTS_VAR: &str = "PROXY_COST_REQUESTS_NOW";
 
-fn main() {
-    if let Ok(scenario) = std::env::var(SCENARIO_VAR) {
-        let requests = std::env::var(REQUESTS_VAR).unwrap().parse().unwrap();
-        run(&scenario, requests);
-        return;
-    }
+/// Whether this process is the child that valgrind runs; if it is, it has run its scenario.
+pub fn child() -> bool {
+    let Ok(scenario) = std::env::var(SCENARIO_VAR) else {
+        return false;
+    };
+    let requests = std::env::var(REQUESTS_VAR).unwrap().parse().unwrap();
+    run(&scenario, requests);
+    true
+}
+
+pub fn main() {
     let (benchmarking, _) = harness::settings();
     if !benchmarking {
         for (scenario, _) in SCENARIOS {

@@ -1,6 +1,6 @@
 //! Worker throughput and latency against a native axum handler, measured in the same run with the same load.
 //!
-//! `cargo bench --bench workers` (needs `wrk`: `apt-get install wrk`). Scenarios, each a `wrk -t2 -c64` run:
+//! `cargo bench --bench marina -- workers` (needs `wrk`: `apt-get install wrk`). Scenarios, each a `wrk -t2 -c64` run:
 //!
 //! - native: an axum "hello" handler on its own port, the baseline;
 //! - warm: `hello` with `ttl > 0` (instances reused);
@@ -9,7 +9,8 @@
 //! - `wasmtime serve -Scli` on the same component, when `WASMTIME` names a wasmtime binary (or one is on the PATH);
 //!
 //! then what request metrics cost: the warm scenario on two servers, one with `--no-request-metrics`, in
-//! alternating runs (the machine's drift hits both alike), plus the recording's own cost per request in-process;
+//! alternating runs (the machine's drift hits both alike), plus the metrics' own cost per request in process
+//! (through `Front::handle`, with metrics on and off);
 //! then the first request to a never-loaded version, timed from the client, with an empty compile cache and again
 //! after a restart with the cache filled. `BENCH_SECS` sets each wrk run's length (default 10). Run without
 //! `--bench` (as `cargo test --all-targets` does) it only checks that every scenario answers, without timing.
@@ -19,20 +20,22 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-mod harness;
-use harness::{start_marina, start_marina_with, start_native, wrk, Load};
-
-// The test harness's guest builder: the benchmark runs the same component the tests do.
-#[path = "../tests/common/mod.rs"]
-mod common;
+use axum::body::Body;
+use http_body_util::BodyExt;
+use marina::backends::wasm::engine::EngineSettings;
+use marina::routes::AppState;
+use marina::server::Front;
 use serde_json::json;
+
+use crate::common;
+use crate::harness::{self, start_marina, start_marina_with, start_native, wrk, Load};
 
 /// First-request samples per cache state; the median is reported.
 const FIRST_REQUEST_SAMPLES: usize = 5;
 /// Alternating runs per side when comparing metrics on and off; the median of each side is reported.
 const METRICS_ROUNDS: usize = 5;
-/// Responses observed in-process to time the recording alone.
-const RECORDINGS: u32 = 1_000_000;
+/// Requests answered in process to time the metrics' share of a request.
+const RECORDINGS: u32 = 200_000;
 
 fn deploy(apps: &Path, app: &str, wasm: &Path, config: serde_json::Value) {
     let dir = apps.join(app).join("1.0.0");
@@ -87,7 +90,7 @@ fn start_wasmtime_serve(component: &Path) -> Option<(std::process::Child, Socket
     harness::when_listening(child, addr, Duration::from_secs(30))
 }
 
-fn main() {
+pub fn main() {
     let (benchmarking, secs) = harness::settings();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -212,52 +215,46 @@ async fn metrics_cost(apps: &Path, benchmarking: bool, secs: u64) {
         );
         println!("| on / off | {:.1}% | | |", 100.0 * rate(&with) / rate(&without));
     }
-    let metrics = recording_cost(&on).await;
+    let metrics = recording_cost(&on, benchmarking).await;
     on.stop().await;
     off.stop().await;
     if benchmarking {
         let (per_request, snapshot) = metrics;
         println!();
-        println!("recording one response in-process (count + time to body end): {per_request:.0} ns");
+        println!("request metrics per request, in process (in flight, count, time to body end): {per_request:.0} ns");
         println!("one GET /_/stats on that server (snapshot + JSON + the HTTP round trip): {snapshot:.1} us");
     }
 }
 
-/// Nanoseconds to count and time one response (in-process, against building and dropping the same response
-/// without), and microseconds per `GET /_/stats` on `server`.
-async fn recording_cost(server: &harness::Running) -> (f64, f64) {
-    use marina::metrics::Metrics;
-    let engine = marina::backends::wasm::engine::Engine::new(&marina::backends::wasm::engine::EngineSettings {
-        pool_size: 1,
-        cache_dir: None,
-    })
-    .unwrap();
-    let pool = std::sync::Arc::new(marina::backends::wasm::pool::Pool::new(
-        std::sync::Arc::new(engine),
-        1,
-        0,
-    ));
-    let metrics = Metrics::new(pool, true);
-    let version = semver::Version::new(1, 0, 0);
-    let served = marina::metrics::Served {
-        stats: metrics.app("hello", &version),
+/// Nanoseconds the request metrics add to one request (in process, through the front door of a server with them
+/// and of one without, the response's body read to the end), and microseconds per `GET /_/stats` on `server`.
+///
+/// The request is one that costs little besides: a static app's bare mount, `/site`, answered with a redirect to
+/// `/site/` without reading the disk, but resolved, served and counted like any request for an app. What the
+/// metrics add is what `request_metrics` switches: the in-flight mark, the count, and the timing to the body's end.
+async fn recording_cost(server: &harness::Running, benchmarking: bool) -> (f64, f64) {
+    let apps = tempfile::tempdir().unwrap();
+    let site = apps.path().join("site").join("1.0.0");
+    std::fs::create_dir_all(&site).unwrap();
+    std::fs::write(site.join("index.html"), "site").unwrap();
+    let (with, without) = (front(apps.path(), true).await, front(apps.path(), false).await);
+    let count = if benchmarking { RECORDINGS } else { 100 };
+    let time = async |front: &Front| {
+        let started = Instant::now();
+        for _ in 0..count {
+            let response = front
+                .handle(http::Request::get("/site").body(Body::empty()).unwrap())
+                .await;
+            assert!(response.status().is_redirection());
+            response.into_body().collect().await.unwrap();
+        }
+        started.elapsed()
     };
-    let respond = || {
-        let mut response = axum::response::Response::new(axum::body::Body::from("Hello"));
-        response.extensions_mut().insert(served.clone());
-        response
-    };
-    let started = Instant::now();
-    for _ in 0..RECORDINGS {
-        drop(metrics.observe(Instant::now(), respond()));
-    }
-    let observed = started.elapsed();
-    let started = Instant::now();
-    for _ in 0..RECORDINGS {
-        drop(std::hint::black_box(respond()));
-    }
-    let bare = started.elapsed();
-    let per_request = observed.saturating_sub(bare).as_nanos() as f64 / f64::from(RECORDINGS);
+    // Each side twice, alternating, the first pass a warm-up.
+    time(&with).await;
+    time(&without).await;
+    let (observed, bare) = (time(&with).await, time(&without).await);
+    let per_request = observed.saturating_sub(bare).as_nanos() as f64 / f64::from(count);
     // The running server's own snapshot, with its apps and warm workers.
     let client = reqwest::Client::new();
     let started = Instant::now();
@@ -269,4 +266,15 @@ async fn recording_cost(server: &harness::Running) -> (f64, f64) {
     }
     let stats_us = started.elapsed().as_secs_f64() * 1e6 / f64::from(rounds);
     (per_request, stats_us)
+}
+
+/// The front door of a server for `apps`, loaded and ready, with or without request metrics.
+async fn front(apps: &Path, request_metrics: bool) -> Front {
+    let engine = EngineSettings {
+        pool_size: 1,
+        cache_dir: None,
+    };
+    let state = AppState::new(apps, &engine, 0, request_metrics).unwrap();
+    state.load().await.expect("the apps directory is readable");
+    Front::new(state)
 }
