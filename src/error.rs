@@ -2,12 +2,23 @@
 //!
 //! Clients always get a JSON body `{"error": "<what was wrong>", "code": "<stable code>", ...}`; the message is
 //! written for the person reading it, the code for programs. Internal details are logged, not sent.
+//!
+//! Below this edge, causes stay typed: a variant that has one (a component that did not load, a full queue, a
+//! trap) holds it as its [`source`](std::error::Error::source), boxed because the types that describe it live in
+//! the layers above. Each cause's own message says only its step; its message here is the whole chain, read
+//! outermost first (`the worker could not be started: not a valid WebAssembly component: ...`), so the client
+//! reads the same story the log does.
+
+use std::fmt;
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
 use crate::deploy::registry::ResolveError;
+
+/// What a failure was caused by, typed where it happened and boxed to cross the layers up to this one.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
 
 /// A request that cannot be served, with the status it answers.
 #[derive(Debug, thiserror::Error)]
@@ -24,20 +35,24 @@ pub enum Error {
         reason: String,
     },
 
-    /// The version's component could not be compiled or instantiated.
-    #[error("{app}@{version} cannot start a worker: {reason}")]
+    /// The version's component could not be compiled or instantiated (or, for its health check, no worker
+    /// could be had).
+    #[error("{app}@{version} cannot start a worker: {}", chain(.cause.as_ref()))]
     WorkerFailed {
         app: String,
         version: String,
-        reason: String,
+        #[source]
+        cause: Cause,
     },
 
-    /// The app trapped (a panic, an out-of-memory abort, ...) or ended without a response.
-    #[error("{app}@{version} failed while handling the request: {reason}")]
+    /// The app trapped (a panic, an out-of-memory abort, ...), ended without a response, or answered with an
+    /// error code.
+    #[error("{app}@{version} failed while handling the request: {}", chain(.cause.as_ref()))]
     AppFailed {
         app: String,
         version: String,
-        reason: String,
+        #[source]
+        cause: Cause,
     },
 
     /// The app did not finish within its `timeout`.
@@ -45,8 +60,8 @@ pub enum Error {
     Timeout { app: String, version: String, secs: u64 },
 
     /// Every worker slot is busy and the wait queue is full, or the wait outlasted the request's deadline.
-    #[error("the server is busy: {0}; retry shortly")]
-    PoolBusy(String),
+    #[error("the server is busy: {}; retry shortly", chain(.0.as_ref()))]
+    PoolBusy(#[source] Cause),
 
     /// The request body is larger than the app's `maxBodySize`.
     #[error("the request body is larger than this app accepts ({limit} bytes)")]
@@ -99,6 +114,26 @@ pub enum Error {
     /// Something failed on the server's side; the detail is logged, not sent.
     #[error("internal error")]
     Internal(String),
+}
+
+/// `error` and its causes on one line, outermost first: `what failed: why: why that`.
+pub(crate) fn chain<'a>(error: &'a (dyn std::error::Error + 'static)) -> Chain<'a> {
+    Chain(error)
+}
+
+/// See [`chain`].
+pub(crate) struct Chain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(error) = cause {
+            write!(f, ": {error}")?;
+            cause = error.source();
+        }
+        Ok(())
+    }
 }
 
 impl Error {
@@ -223,6 +258,26 @@ mod tests {
             json!({"error": "no version of \"hello\" matches ^3", "code": "version_not_found", "app": "hello",
                    "spec": "^3", "available": ["2.0.0", "1.0.0"]})
         );
+    }
+
+    #[test]
+    fn a_cause_is_read_as_its_whole_chain_and_kept_as_the_source() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("the worker could not be started")]
+        struct Outer(#[source] std::io::Error);
+        let error = Error::WorkerFailed {
+            app: "svc".into(),
+            version: "1.0.0".into(),
+            cause: Box::new(Outer(std::io::Error::other("out of slots"))),
+        };
+        assert_eq!(error.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            error.body(),
+            json!({"error": "svc@1.0.0 cannot start a worker: the worker could not be started: out of slots",
+                   "code": "worker_failed", "app": "svc", "version": "1.0.0"})
+        );
+        let source = std::error::Error::source(&error).expect("the cause is the source");
+        assert!(source.downcast_ref::<Outer>().is_some(), "the cause keeps its type");
     }
 
     #[test]

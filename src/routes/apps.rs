@@ -83,10 +83,10 @@ async fn serve(
             // Healthy means a worker can actually be had: compiled, instantiated, within the cap.
             crate::backends::wasm::invoke::check(&state.pool, runtime(), arrived + HEALTH_TIMEOUT)
                 .await
-                .map_err(|reason| Error::WorkerFailed {
+                .map_err(|cause| Error::WorkerFailed {
                     app: resolved.app.name.clone(),
                     version: version.version.to_string(),
-                    reason,
+                    cause: cause.into(),
                 })?;
         }
         return Ok((

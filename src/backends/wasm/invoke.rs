@@ -12,8 +12,13 @@
 //! A handler that returns without setting its response, whether it dropped the `response-outparam` or kept the
 //! handle (as componentize-js does on a reused instance), gets `500` at once and its worker is discarded, as
 //! `wasmtime serve` does. So is a worker whose client went away mid-call: its state is whatever the guest had
-//! reached. A request body over `maxBodySize` is `413` if no response has started, and aborts the response if
-//! one has, so a client can never mistake a truncated echo for a complete one.
+//! reached. How the call ended is counted by [`Pool::release`], and an error answer leaves only after that.
+//!
+//! A request body over `maxBodySize` is `413` if no response has started, and aborts the response if one has, so
+//! a client can never mistake a truncated echo for a complete one. A `Content-Length` over the limit is answered
+//! at once, unread. Otherwise the body is cut by [`http_body_util::Limited`], whose [`LengthLimitError`] is told
+//! apart from a failed read and turned into what `wasi:http` gives the guest for it (`HTTP-request-body-size`);
+//! going over also tells the front (through [`Link`]), since the guest may swallow that error or answer anyway.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -27,13 +32,14 @@ use axum::response::Response;
 use bytes::Bytes;
 use http::HeaderValue;
 use http_body::{Frame, SizeHint};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::sync::{oneshot, Notify};
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::WasiHttpView;
 
 use crate::backends::stall::StallTimeout;
-use crate::backends::wasm::pool::{AcquireError, Lease, Pool, VersionRuntime};
+use crate::backends::wasm::pool::{AcquireError, Lease, Outcome, Pool, VersionRuntime, NO_RESPONSE};
 use crate::backends::wasm::worker::CallClock;
 use crate::error::Error;
 
@@ -49,18 +55,28 @@ type GuestResponse = Result<hyper::Response<HyperOutgoingBody>, ErrorCode>;
 /// What the call sends the front: the response head with its streaming body, or why there is none.
 type Head = Result<hyper::Response<HyperOutgoingBody>, Error>;
 
-/// How a guest's call ended, which decides whether its worker serves again.
-enum Outcome {
-    /// The handler returned after setting a response: the worker may be reused.
-    Returned,
-    /// The handler trapped (a panic, running out of memory, ...).
-    Trapped(String),
-    /// The deadline passed before the response head, or the body stopped and the call never returned.
-    TimedOut,
+/// How the app failed a request it got: the cause of its `500`.
+#[derive(Debug, thiserror::Error)]
+enum AppFailure {
     /// The handler returned, or dropped its `response-outparam`, without setting a response.
+    #[error("{}", NO_RESPONSE)]
     NoResponse,
-    /// The client went away (or the body was cut) mid-call.
-    Abandoned,
+    /// The handler trapped before it set a response. The client reads only the trap's headline; the whole of it,
+    /// wasm backtrace included, goes to the log with the worker's release.
+    #[error("{}", first_line(&.0.to_string()))]
+    Trapped(Arc<wasmtime::Error>),
+    /// The handler set an error code instead of a response.
+    #[error("the app answered with an error: {0:?}")]
+    Answered(ErrorCode),
+}
+
+/// Why a version's health check found no worker to be had.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CheckError {
+    #[error(transparent)]
+    Acquire(#[from] AcquireError),
+    #[error("the guest executor is shutting down")]
+    ShuttingDown,
 }
 
 /// What the front and the call share besides the head: the request body's limit, and the response body's end.
@@ -136,11 +152,7 @@ pub(crate) async fn invoke(
             .insert(http::header::HOST, HeaderValue::from_static("localhost"));
     }
     let link = Arc::new(Link::default());
-    let request = request.map(|body| LimitedBody {
-        inner: body,
-        remaining: limit,
-        link: link.clone(),
-    });
+    let request = request.map(|body| limited(body, limit, link.clone()));
 
     let clock = Arc::new(CallClock::new(deadline));
     let (head_sender, head) = oneshot::channel();
@@ -164,8 +176,7 @@ pub(crate) async fn invoke(
         () = sleep_until(deadline) => {
             // Still in the pool's queue: the pool was busy the whole time (503), the app never got the request.
             if clock.is_queued() {
-                pool.counters.queue_timeouts.fetch_add(1, Ordering::Relaxed);
-                return Err(Error::PoolBusy(AcquireError::QueueTimeout.to_string()));
+                return Err(Error::PoolBusy(pool.queue_timed_out().into()));
             }
             return Err(timed_out(&runtime));
         }
@@ -199,31 +210,28 @@ pub(crate) async fn invoke(
 /// Whether a worker of `runtime` can be had before `deadline` (compiled, instantiated, within the cap): the
 /// version's health check. Instantiating runs guest code, so it too happens on a guest lane; a new worker is
 /// kept warm if the version keeps workers.
-pub(crate) async fn check(pool: &Arc<Pool>, runtime: Arc<VersionRuntime>, deadline: Instant) -> Result<(), String> {
+pub(crate) async fn check(pool: &Arc<Pool>, runtime: Arc<VersionRuntime>, deadline: Instant) -> Result<(), CheckError> {
     let clock = Arc::new(CallClock::new(Some(deadline)));
     let (sender, answer) = oneshot::channel();
     let task = {
         let (pool, runtime, clock) = (pool.clone(), runtime.clone(), clock.clone());
         async move {
             let result = pool.acquire(&runtime, &clock, Some(deadline)).await;
-            let _ = sender.send(
-                result
-                    .map(|lease| pool.release_unused(lease))
-                    .map_err(|e| e.to_string()),
-            );
+            let _ = sender.send(result.map(|lease| pool.release_unused(lease)));
         }
     };
     pool.engine().lanes().spawn(runtime.meter.clone(), clock, task);
-    answer
-        .await
-        .unwrap_or_else(|_| Err("the guest executor is shutting down".into()))
+    match answer.await {
+        Ok(acquired) => Ok(acquired?),
+        Err(_) => Err(CheckError::ShuttingDown),
+    }
 }
 
 /// The call, on a guest lane: a worker, the handler, the head passed on, the worker given back or discarded.
 async fn run(
     pool: Arc<Pool>,
     runtime: Arc<VersionRuntime>,
-    request: http::Request<LimitedBody>,
+    request: http::Request<impl http_body::Body<Data = Bytes, Error = wasmtime_wasi_http::Error> + Send + 'static>,
     (clock, deadline): (Arc<CallClock>, Option<Instant>),
     link: Arc<Link>,
     (mut head, released): (oneshot::Sender<Head>, oneshot::Sender<()>),
@@ -259,34 +267,8 @@ async fn run(
         };
         drive(call, &mut response, head, timing, &link, &runtime).await
     };
-    let identity = &runtime.identity;
-    let counters = &pool.counters;
-    let failure = match &outcome {
-        Outcome::Returned | Outcome::Abandoned => None,
-        Outcome::TimedOut => {
-            counters.timeouts.fetch_add(1, Ordering::Relaxed);
-            Some("the request ran past its timeout".to_owned())
-        }
-        Outcome::Trapped(message) => {
-            counters.traps.fetch_add(1, Ordering::Relaxed);
-            Some(format!("the worker trapped: {message}"))
-        }
-        Outcome::NoResponse => Some(NO_RESPONSE.to_owned()),
-    };
-    if let Some(failure) = failure {
-        counters.failed.fetch_add(1, Ordering::Relaxed);
-        if let Some(suppressed) = runtime.failure_log.admit() {
-            tracing::error!(
-                app = %identity.app,
-                version = %identity.version,
-                suppressed,
-                "{failure}; the worker is discarded"
-            );
-        }
-    }
-    // A call cut short leaves the instance wherever the guest was: only one that returned serves again.
-    let failed = !matches!(outcome, Outcome::Returned | Outcome::Abandoned);
-    pool.release(lease, matches!(outcome, Outcome::Returned), failed);
+    // Counted, logged, and the worker kept or discarded, by the pool.
+    pool.release(lease, outcome);
     // The client hears of a failure only now, once it is counted and the worker gone, so what it sees next (the
     // metrics, a new instance) already follows from it.
     if let Some((head, error)) = answer {
@@ -297,8 +279,6 @@ async fn run(
 
 /// An error answer that waits until the call's outcome is counted and its worker given back.
 type Answer = Option<(oneshot::Sender<Head>, Error)>;
-
-const NO_RESPONSE: &str = "the app returned without setting a response (response-outparam::set was never called)";
 
 /// A call's deadline: the instant, for the call's own timer, and the clock the epoch callback reads.
 struct Timing<'a> {
@@ -346,10 +326,11 @@ async fn drive(
                 }
                 Err(_) => {
                     let error = match &outcome {
-                        Outcome::Returned => app_failed(runtime, NO_RESPONSE.into()),
                         Outcome::TimedOut => timed_out(runtime),
-                        Outcome::Trapped(message) => app_failed(runtime, first_line(message)),
-                        Outcome::NoResponse | Outcome::Abandoned => app_failed(runtime, NO_RESPONSE.into()),
+                        Outcome::Trapped(trap) => app_failed(runtime, AppFailure::Trapped(trap.clone())),
+                        Outcome::Returned | Outcome::NoResponse | Outcome::Abandoned => {
+                            app_failed(runtime, AppFailure::NoResponse)
+                        }
                     };
                     let outcome = if matches!(outcome, Outcome::Returned) {
                         Outcome::NoResponse
@@ -369,7 +350,7 @@ async fn drive(
         // The outparam was dropped unset: nothing will ever answer.
         return (
             Outcome::NoResponse,
-            Some((head, app_failed(runtime, NO_RESPONSE.into()))),
+            Some((head, app_failed(runtime, AppFailure::NoResponse))),
         );
     };
     let answered = set.is_ok();
@@ -412,7 +393,7 @@ fn pass_on(head: oneshot::Sender<Head>, set: GuestResponse, clock: &CallClock, r
             clock.set_deadline(None);
             Ok(response)
         }
-        Err(code) => Err(app_failed(runtime, format!("the app answered with an error: {code:?}"))),
+        Err(code) => Err(app_failed(runtime, AppFailure::Answered(code))),
     };
     head.send(head_value).is_ok()
 }
@@ -421,17 +402,17 @@ fn ended(returned: wasmtime::Result<()>, clock: &CallClock) -> Outcome {
     match returned {
         Ok(()) => Outcome::Returned,
         Err(_) if clock.timed_out() => Outcome::TimedOut,
-        Err(error) => Outcome::Trapped(format!("{error:?}")),
+        Err(trap) => Outcome::Trapped(Arc::new(trap)),
     }
 }
 
 fn acquire_error(runtime: &VersionRuntime, error: AcquireError) -> Error {
     match error {
-        AcquireError::QueueFull { .. } | AcquireError::QueueTimeout => Error::PoolBusy(error.to_string()),
-        AcquireError::Instantiate(reason) => Error::WorkerFailed {
+        AcquireError::QueueFull { .. } | AcquireError::QueueTimeout => Error::PoolBusy(error.into()),
+        AcquireError::Instantiate(cause) => Error::WorkerFailed {
             app: runtime.identity.app.clone(),
             version: runtime.identity.version.clone(),
-            reason,
+            cause: cause.into(),
         },
     }
 }
@@ -444,11 +425,11 @@ fn timed_out(runtime: &VersionRuntime) -> Error {
     }
 }
 
-fn app_failed(runtime: &VersionRuntime, reason: String) -> Error {
+fn app_failed(runtime: &VersionRuntime, failure: AppFailure) -> Error {
     Error::AppFailed {
         app: runtime.identity.app.clone(),
         version: runtime.identity.version.clone(),
-        reason,
+        cause: failure.into(),
     }
 }
 
@@ -472,52 +453,23 @@ fn content_length<B>(request: &http::Request<B>) -> Option<u64> {
         .and_then(|value| value.parse().ok())
 }
 
-/// A request body that ends with an error once more than `remaining` bytes went through, and says so to the
-/// front, which answers 413 (or aborts a response already started) rather than pass on whatever the guest made
-/// of a broken body.
-struct LimitedBody {
-    inner: Body,
-    remaining: u64,
+/// The request body, cut by [`Limited`] past `limit` bytes. Going over is what the guest is told
+/// (`HTTP-request-body-size`) and, through `link`, what the front is woken for: it answers 413 (or aborts a
+/// response already started) rather than pass on whatever the guest made of a broken body.
+fn limited(
+    body: Body,
+    limit: u64,
     link: Arc<Link>,
-}
-
-impl http_body::Body for LimitedBody {
-    type Data = Bytes;
-    type Error = wasmtime_wasi_http::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    let len = data.len() as u64;
-                    if len > this.remaining {
-                        this.link.over_limit.store(true, Ordering::Release);
-                        this.link.front.notify_one();
-                        return Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpRequestBodySize(None))));
-                    }
-                    this.remaining -= len;
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(wasmtime_wasi_http::Error::InternalError(Some(
-                format!("reading the request body failed: {error}"),
-            ))))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+) -> impl http_body::Body<Data = Bytes, Error = wasmtime_wasi_http::Error> + Send + 'static {
+    Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)).map_err(move |error| {
+        if error.is::<LengthLimitError>() {
+            link.over_limit.store(true, Ordering::Release);
+            link.front.notify_one();
+            wasmtime_wasi_http::Error::HttpRequestBodySize(None)
+        } else {
+            wasmtime_wasi_http::Error::InternalError(Some(format!("reading the request body failed: {error}")))
         }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
+    })
 }
 
 /// The guest's response body on its way to the client: cut if it stalls for the timeout, aborted if the request

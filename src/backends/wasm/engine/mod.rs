@@ -56,10 +56,40 @@ pub struct Loaded {
     pub(crate) load_time: Duration,
 }
 
-/// Why a component cannot be loaded. The message is for the log and for the app's 503.
+/// Why a component cannot be loaded: the cause of the version's log line and of its 503. Each message says
+/// only its step; the error it wraps is its `source()` (both read as one line by [`crate::error::chain`]).
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct LoadError(pub(crate) String);
+pub enum LoadError {
+    /// The entrypoint file could not be read.
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bytes are not a component this engine can compile.
+    #[error("not a valid WebAssembly component")]
+    Invalid(#[source] wasmtime::Error),
+    /// The component imports something the host does not provide.
+    #[error("the component cannot be linked")]
+    Link(#[source] wasmtime::Error),
+    /// The component is not an HTTP handler.
+    #[error("the component does not export wasi:http/incoming-handler")]
+    NotAHandler(#[source] wasmtime::Error),
+    /// The compilation's thread ended without an answer (it panicked, or the runtime is shutting down).
+    #[error("compilation did not finish")]
+    Unfinished(#[source] tokio::task::JoinError),
+    /// A cause known only as text: what [`LoadError()`] makes.
+    #[error("{0}")]
+    Described(String),
+}
+
+/// A [`LoadError`] from a message alone, as the compile cache still builds them (`LoadError(format!(..))`);
+/// `LoadError::Invalid(error)` keeps the cause instead.
+#[allow(non_snake_case)]
+pub(crate) fn LoadError(message: String) -> LoadError {
+    LoadError::Described(message)
+}
 
 /// The process-wide engine, linker and cache.
 pub struct Engine {
@@ -131,20 +161,16 @@ impl Engine {
     /// runtime's worker threads.
     pub fn load(&self, path: &Path) -> Result<Loaded, LoadError> {
         let started = Instant::now();
-        let bytes = std::fs::read(path).map_err(|e| LoadError(format!("cannot read {}: {e}", path.display())))?;
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let (component, from_cache) = match &self.cache {
             Some(cache) => cache.load_or_compile(&self.wasmtime, &bytes)?,
             None => (compile(&self.wasmtime, &bytes)?, false),
         };
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| LoadError(format!("the component cannot be linked: {e:#}")))?;
-        let pre = ProxyPre::new(pre).map_err(|e| {
-            LoadError(format!(
-                "the component does not export wasi:http/incoming-handler: {e:#}"
-            ))
-        })?;
+        let pre = self.linker.instantiate_pre(&component).map_err(LoadError::Link)?;
+        let pre = ProxyPre::new(pre).map_err(LoadError::NotAHandler)?;
         Ok(Loaded {
             pre,
             from_cache,
@@ -160,7 +186,7 @@ impl Drop for Engine {
 }
 
 fn compile(engine: &wasmtime::Engine, bytes: &[u8]) -> Result<Component, LoadError> {
-    Component::new(engine, bytes).map_err(|e| LoadError(format!("not a valid WebAssembly component: {e:#}")))
+    Component::new(engine, bytes).map_err(LoadError::Invalid)
 }
 
 fn config(pool_size: Option<usize>) -> Config {
@@ -203,4 +229,32 @@ fn spawn_ticker(engine: wasmtime::Engine, stop: Arc<AtomicBool>) -> std::io::Res
             }
         })
         .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_load_error_reads_as_its_step_then_the_engine_s_reasons() {
+        let engine = wasmtime::Engine::default();
+        let reasons = Component::new(&engine, b"not wasm").unwrap_err();
+        let error = compile(&engine, b"not wasm").unwrap_err();
+        assert!(matches!(error, LoadError::Invalid(_)), "{error:?}");
+        assert_eq!(
+            crate::error::chain(&error).to_string(),
+            format!("not a valid WebAssembly component: {reasons:#}")
+        );
+
+        let missing = Path::new("/nonexistent/app.wasm");
+        let io = std::fs::read(missing).unwrap_err();
+        let error = LoadError::Read {
+            path: missing.to_path_buf(),
+            source: std::fs::read(missing).unwrap_err(),
+        };
+        assert_eq!(
+            crate::error::chain(&error).to_string(),
+            format!("cannot read {}: {io}", missing.display())
+        );
+    }
 }
