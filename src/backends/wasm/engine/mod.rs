@@ -84,8 +84,9 @@ pub enum LoadError {
     Described(String),
 }
 
-/// A [`LoadError`] from a message alone, as the compile cache still builds them (`LoadError(format!(..))`);
-/// `LoadError::Invalid(error)` keeps the cause instead.
+/// A [`LoadError`](enum@LoadError) from a message alone, as the compile cache still builds them
+/// (`LoadError(format!(..))`); `LoadError::Invalid(error)` keeps the cause instead, and once the cache does so this
+/// and [`LoadError::Described`] can go.
 #[allow(non_snake_case)]
 pub(crate) fn LoadError(message: String) -> LoadError {
     LoadError::Described(message)
