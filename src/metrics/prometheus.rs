@@ -3,6 +3,24 @@
 //!
 //! Labels are only ever app names, versions, status codes and states: all bounded by what is deployed, never the
 //! raw path or anything else a client chooses. Requests that named no deployed app carry `app=""`.
+//!
+//! # Why not `prometheus-client`
+//!
+//! The official Rust client (0.24, tried against this module's output) was weighed for this encoder and not taken,
+//! because it changes what scrapers read:
+//!
+//! - It writes OpenMetrics text only. That ends with `# EOF`, and a counter's `# TYPE` names the family without
+//!   `_total` while each sample gets `_total` appended: `marina_requests_total` comes out as
+//!   `marina_requests_total_total`, or, registered as `marina_requests`, as samples that a 0.0.4 parser (ours in
+//!   the tests included) finds without a `TYPE`. It would also be served as `application/openmetrics-text`, where
+//!   `/_/metrics` promises (and its tests hold it to) [`CONTENT_TYPE`].
+//! - It writes label values and help text as given: a `"`, `\` or newline in them is not escaped.
+//! - It formats bucket bounds with `dtoa` (`le="1.0"`, not `le="1"`), a different label value and so a different
+//!   series.
+//!
+//! What it could express, it would not simplify: our values are read at scrape time from our own counters and
+//! lock-free histogram, so its metric types and registry would go unused (a `Collector` handing precomputed
+//! buckets to `encode_histogram`), and what would remain is the small text writer below.
 
 use std::fmt::Write;
 

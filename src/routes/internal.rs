@@ -1,6 +1,7 @@
 //! The host's own routes under `/_/`: liveness, readiness, the deployment listing, metrics and the dashboard.
 //!
-//! App names cannot start with `_`, so these can never shadow an app.
+//! App names cannot start with `_`, so these can never shadow an app. Each JSON answer is a `Serialize` type
+//! below (the metrics' own are in [`crate::metrics::report`]), so the shape is written down where it is built.
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
@@ -9,10 +10,12 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::{Json, Router};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use std::path::Path;
 
-use crate::deploy::registry::{App, AppVersion};
+use serde::{Deserialize, Serialize};
+
+use crate::deploy::config::WorkerConfig;
+use crate::deploy::registry::{App, AppKind, AppVersion};
 use crate::error::Error;
 use crate::metrics;
 use crate::negotiate::weighted;
@@ -83,8 +86,9 @@ fn prefers_prometheus(accept: GetAll<'_, HeaderValue>) -> bool {
 }
 
 /// `/_/stats`: the metrics, each app version and each worker. Reading it changes nothing.
-async fn stats(State(state): State<AppState>) -> Json<Value> {
-    Json(metrics::report::stats(&state.metrics.snapshot()))
+async fn stats(State(state): State<AppState>) -> Response {
+    let snapshot = state.metrics.snapshot();
+    Json(metrics::report::stats(&snapshot)).into_response()
 }
 
 /// `/_/sse`: the stats every `interval` seconds as server-sent events.
@@ -143,50 +147,104 @@ fn content_security_policy(page: &str) -> String {
     )
 }
 
+/// `/_/health` and `/_/ready`: `{"status": ...}`.
+#[derive(Debug, Serialize)]
+struct Status {
+    status: &'static str,
+}
+
 /// Liveness: the process answers.
-async fn health() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+async fn health() -> Json<Status> {
+    Json(Status { status: "ok" })
 }
 
 /// Readiness: 200 only between the end of loading and the start of a drain.
 async fn ready(State(state): State<AppState>) -> Response {
-    match state.lifecycle.phase() {
-        Phase::Ready => (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response(),
-        Phase::Loading => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "loading" }))).into_response(),
-        Phase::Draining => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "draining" }))).into_response(),
-    }
+    let (code, status) = match state.lifecycle.phase() {
+        Phase::Ready => (StatusCode::OK, "ready"),
+        Phase::Loading => (StatusCode::SERVICE_UNAVAILABLE, "loading"),
+        Phase::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
+    };
+    (code, Json(Status { status })).into_response()
+}
+
+/// `/_/deployments`: every app, its versions with their entrypoint, kind and effective config, and everything
+/// that is wrong.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Deployments<'a> {
+    apps_dir: &'a Path,
+    /// By name.
+    apps: Vec<AppListing<'a>>,
+    /// Entries of APPS_DIR that are not apps, with the reason.
+    ignored: &'a [String],
+}
+
+#[derive(Debug, Serialize)]
+struct AppListing<'a> {
+    name: &'a str,
+    /// Highest first.
+    versions: Vec<VersionListing<'a>>,
+    /// Entries of the app's directory that are not versions, with the reason.
+    ignored: &'a [String],
+}
+
+/// One version: what it serves, or (with only `version`, `dir` and `error`) why it cannot.
+#[derive(Debug, Serialize)]
+struct VersionListing<'a> {
+    version: String,
+    dir: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kind: Option<AppKind>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    entrypoint: Option<&'a Path>,
+    /// The effective config, defaults filled in and `env` values [`REDACTED`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    config: Option<WorkerConfig>,
+    /// Null when the version can be served.
+    error: Option<&'a str>,
 }
 
 /// Every app, its versions with their entrypoint, kind and effective config, and everything that is wrong.
-async fn deployments(State(state): State<AppState>) -> Json<Value> {
+async fn deployments(State(state): State<AppState>) -> Response {
     let snapshot = state.registry.snapshot();
-    let apps: Vec<Value> = snapshot.sorted_apps().into_iter().map(|app| app_json(app)).collect();
-    Json(json!({
-        "appsDir": state.registry.apps_dir(),
-        "apps": apps,
-        "ignored": snapshot.ignored,
-    }))
+    let apps = snapshot.sorted_apps().into_iter().map(|app| app_listing(app)).collect();
+    let listing = Deployments {
+        apps_dir: state.registry.apps_dir(),
+        apps,
+        ignored: &snapshot.ignored,
+    };
+    Json(listing).into_response()
 }
 
-fn app_json(app: &App) -> Value {
-    let versions: Vec<Value> = app.versions.iter().map(|v| version_json(v)).collect();
-    json!({ "name": app.name, "versions": versions, "ignored": app.ignored })
+fn app_listing(app: &App) -> AppListing<'_> {
+    AppListing {
+        name: &app.name,
+        versions: app.versions.iter().map(|v| version_listing(v)).collect(),
+        ignored: &app.ignored,
+    }
 }
 
-fn version_json(version: &AppVersion) -> Value {
-    let mut value = json!({ "version": version.version.to_string(), "dir": version.dir_name });
+fn version_listing(version: &AppVersion) -> VersionListing<'_> {
+    let mut listing = VersionListing {
+        version: version.version.to_string(),
+        dir: &version.dir_name,
+        kind: None,
+        entrypoint: None,
+        config: None,
+        error: None,
+    };
     match &version.deployment {
         Ok(deployment) => {
             let mut config = deployment.config.clone();
             config.env.values_mut().for_each(|v| *v = REDACTED.to_owned());
-            value["kind"] = json!(deployment.kind);
-            value["entrypoint"] = json!(deployment.entrypoint);
-            value["config"] = json!(config);
-            value["error"] = Value::Null;
+            listing.kind = Some(deployment.kind);
+            listing.entrypoint = Some(&deployment.entrypoint);
+            listing.config = Some(config);
         }
-        Err(error) => value["error"] = json!(error),
+        Err(error) => listing.error = Some(error),
     }
-    value
+    listing
 }
 
 async fn no_route() -> Error {

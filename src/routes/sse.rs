@@ -1,17 +1,19 @@
 //! `/_/sse`: the stats as a live `text/event-stream`.
 //!
-//! Each subscriber gets a small task that forwards the sampler's frames (built once per tick for everyone) to its
-//! response body. The task ends, and the subscriber is no longer counted, when the client goes away (the body is
-//! dropped, which closes the channel) or when the server starts draining (so a stream never holds a graceful
-//! shutdown open). A client too slow to take a frame misses it rather than queueing stale ones.
+//! Each response body is the metrics' watch channel itself, as a stream ([`WatchStream`]): the sampler builds one
+//! frame per tick for everyone, and a body only takes the newest when hyper asks for more, so a client too slow
+//! to take a frame skips to the latest rather than queueing stale ones, and no task runs per subscriber. A stream
+//! ends, and the subscriber is no longer counted, when the client goes away (hyper drops the body, and with it the
+//! receiver) or when the server starts draining (the metrics' closing token ends it, so a stream never holds a
+//! graceful shutdown open).
 
 use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::WatchStream;
+use tokio_stream::StreamExt as _;
 
 use crate::error::Error;
 use crate::metrics::{Metrics, SAMPLE_INTERVAL};
@@ -24,10 +26,9 @@ pub(crate) const MAX_INTERVAL_SECS: u64 = 60;
 pub(crate) const RETRY: Duration = Duration::from_secs(2);
 /// A comment line is sent when nothing else was for this long, so proxies keep the connection open.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
-/// Streams open at once: each costs a task and a copy of every frame, so a flood of them is refused.
+/// Streams open at once: each costs a connection and a copy of every frame it is sent, so a flood of them is
+/// refused.
 pub const MAX_CLIENTS: usize = 256;
-/// Frames waiting for a slow client; beyond this, new ones are skipped.
-const BACKLOG: usize = 2;
 
 /// Reads `?interval=` (whole seconds).
 pub(crate) fn interval(raw: Option<&str>) -> Result<u64, Error> {
@@ -46,41 +47,30 @@ pub(crate) fn interval(raw: Option<&str>) -> Result<u64, Error> {
 /// [`MAX_CLIENTS`].
 pub(crate) fn stream(metrics: &Metrics, every: u64) -> Result<Response, Error> {
     const _: () = assert!(SAMPLE_INTERVAL.as_secs() == 1 && SAMPLE_INTERVAL.subsec_nanos() == 0);
-    let mut updates = metrics.subscribe();
+    let updates = metrics.subscribe();
     // Counted once subscribed, so concurrent arrivals cannot both slip under the limit.
     if metrics.sse_clients() > MAX_CLIENTS {
         return Err(Error::TooManyStreams { limit: MAX_CLIENTS });
     }
-    let closing = metrics.closing();
-    let (frames, body) = mpsc::channel::<Result<Event, Infallible>>(BACKLOG);
-    tokio::spawn(async move {
-        let mut last: Option<u64> = None;
-        loop {
-            tokio::select! {
-                () = closing.cancelled() => break,
-                () = frames.closed() => break,
-                changed = updates.changed() => if changed.is_err() { break },
-            }
-            let update = updates.borrow_and_update().clone();
-            if last.is_some_and(|last| update.seq < last + every) {
-                continue;
-            }
-            let mut event = Event::default()
-                .event("metrics")
-                .id(update.seq.to_string())
-                .data(&*update.json);
-            if last.is_none() {
-                event = event.retry(RETRY);
-            }
-            match frames.try_send(Ok(event)) {
-                Ok(()) => last = Some(update.seq),
-                Err(mpsc::error::TrySendError::Full(_)) => {}
-                Err(mpsc::error::TrySendError::Closed(_)) => break,
-            }
+    // The first frame is the next tick's, with the reconnect delay; then one every `every` ticks, or the newest
+    // after that for a client that fell behind.
+    let mut last: Option<u64> = None;
+    let frames = WatchStream::from_changes(updates).filter_map(move |update| {
+        if last.is_some_and(|last| update.seq < last + every) {
+            return None;
         }
-        // Dropping `updates` here is what stops this subscriber being counted.
+        let mut event = Event::default()
+            .event("metrics")
+            .id(update.seq.to_string())
+            .data(&*update.json);
+        if last.is_none() {
+            event = event.retry(RETRY);
+        }
+        last = Some(update.seq);
+        Some(Ok::<_, Infallible>(event))
     });
-    let mut response = Sse::new(ReceiverStream::new(body))
+    let frames = futures_util::StreamExt::take_until(frames, metrics.closing().cancelled_owned());
+    let mut response = Sse::new(frames)
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
         .into_response();
     // Tell buffering reverse proxies (nginx) to pass frames on as they come.
