@@ -164,8 +164,8 @@ mod tests {
 
     use tokio::sync::oneshot;
 
-    use super::super::slots::{Shared, Waiter};
     use super::*;
+    use crate::backends::wasm::pool::slots::{Shared, Waiter};
 
     const CAP: usize = 8;
 
