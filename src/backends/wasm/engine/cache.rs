@@ -155,9 +155,7 @@ impl Cache {
                 }
             }
         }
-        let compiled = engine
-            .precompile_component(bytes)
-            .map_err(|e| LoadError(format!("not a valid WebAssembly component: {e:#}")))?;
+        let compiled = engine.precompile_component(bytes).map_err(LoadError::Invalid)?;
         let stored = self.store(&path, &compiled);
         if stored.is_ok() {
             self.trim();

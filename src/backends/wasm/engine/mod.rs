@@ -79,17 +79,6 @@ pub enum LoadError {
     /// The compilation's thread ended without an answer (it panicked, or the runtime is shutting down).
     #[error("compilation did not finish")]
     Unfinished(#[source] tokio::task::JoinError),
-    /// A cause known only as text: what [`LoadError()`] makes.
-    #[error("{0}")]
-    Described(String),
-}
-
-/// A [`LoadError`](enum@LoadError) from a message alone, as the compile cache still builds them
-/// (`LoadError(format!(..))`); `LoadError::Invalid(error)` keeps the cause instead, and once the cache does so this
-/// and [`LoadError::Described`] can go.
-#[allow(non_snake_case)]
-pub(crate) fn LoadError(message: String) -> LoadError {
-    LoadError::Described(message)
 }
 
 /// The process-wide engine, linker and cache.
