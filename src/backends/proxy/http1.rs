@@ -64,7 +64,7 @@ struct Idle {
 const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Idle connections to plain-HTTP upstreams, per authority, most recently used last.
-pub struct Http1Pool {
+pub(crate) struct Http1Pool {
     idle: Mutex<IdleLists>,
 }
 
@@ -100,7 +100,7 @@ impl IdleLists {
 impl Http1Pool {
     /// Sends `request` (origin-form URI, `Host` set) to `authority` on an idle connection, or a new one. A request
     /// that an idle connection closed under before a byte of it was written is sent again on a new connection.
-    pub async fn send(
+    pub(crate) async fn send(
         self: &Arc<Self>,
         authority: &Authority,
         mut request: http::Request<Body>,
@@ -209,7 +209,7 @@ async fn connect(authority: &Authority) -> Result<Box<Connection>, BoxError> {
 }
 
 /// A response body that drives its connection while it streams, and returns it to the pool at its end.
-pub struct UpstreamBody {
+pub(crate) struct UpstreamBody {
     incoming: Incoming,
     /// Until the body ends (then idle in the pool) or the connection does.
     connection: Option<Box<Connection>>,

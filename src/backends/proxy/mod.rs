@@ -9,8 +9,7 @@
 //! WebSocket upgrades are tunnelled ([`websocket`]).
 
 mod headers;
-// Public for the proxy benchmark's floor scenario (the pool behind a bare hyper server).
-pub mod http1;
+mod http1;
 mod tls;
 mod websocket;
 

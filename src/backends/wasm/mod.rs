@@ -7,5 +7,5 @@ pub(crate) mod guest_log;
 pub(crate) mod invoke;
 pub(crate) mod lanes;
 pub mod pool;
-pub mod status;
-pub mod worker;
+pub(crate) mod status;
+pub(crate) mod worker;

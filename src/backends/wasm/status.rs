@@ -110,7 +110,7 @@ const SHARDS: usize = 16;
 
 /// Every live worker's status.
 #[derive(Debug, Default)]
-pub struct WorkerTable {
+pub(crate) struct WorkerTable {
     shards: [Mutex<HashMap<u64, Arc<WorkerStatus>>>; SHARDS],
 }
 

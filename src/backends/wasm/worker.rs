@@ -25,9 +25,9 @@ static NEXT_WORKER_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Who a worker is, for logs and stats.
 #[derive(Debug, Clone)]
-pub struct Identity {
-    pub app: String,
-    pub version: String,
+pub(crate) struct Identity {
+    pub(crate) app: String,
+    pub(crate) version: String,
 }
 
 /// What the store holds: WASI state, HTTP state, limits.
@@ -46,7 +46,7 @@ pub struct WorkerState {
 /// response head is out, so a steady stream is not cut), whether the callback interrupted the guest for it, and
 /// how often the guest yielded because it kept computing (which the guest lanes use to tell a loop from a wait).
 #[derive(Debug, Default)]
-pub struct CallClock {
+pub(crate) struct CallClock {
     /// Nanoseconds after [`CLOCK_BASE`], plus one; 0 means no deadline.
     deadline: AtomicU64,
     timed_out: AtomicBool,
@@ -121,9 +121,9 @@ impl WasiHttpView for WorkerState {
 }
 
 /// A live instance: its store, its exports, and its history (in its status, which the stats read too).
-pub struct Worker {
-    pub store: Store<WorkerState>,
-    pub proxy: Proxy,
+pub(crate) struct Worker {
+    pub(crate) store: Store<WorkerState>,
+    pub(crate) proxy: Proxy,
     /// Its id, age, requests served and last use; listed in the pool's table while `_listed` lives.
     pub(crate) status: Arc<WorkerStatus>,
     _listed: Registration,
@@ -131,7 +131,7 @@ pub struct Worker {
 
 impl Worker {
     /// Instantiates `pre` in a fresh store set up for `deployment`, trapping if that outlasts `clock`'s deadline.
-    pub async fn new(
+    pub(crate) async fn new(
         engine: &wasmtime::Engine,
         pre: &ProxyPre<WorkerState>,
         deployment: &Deployment,
@@ -198,7 +198,7 @@ impl Worker {
     }
 
     /// Starts a request: its clock (deadline and yields) and a fresh log budget.
-    pub fn begin(&mut self, clock: Arc<CallClock>) {
+    pub(crate) fn begin(&mut self, clock: Arc<CallClock>) {
         let state = self.store.data_mut();
         state.clock = clock;
         state.log_budget.reset();
