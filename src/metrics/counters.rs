@@ -27,12 +27,12 @@ const STATUS_CODES: usize = 500;
 /// The app version a response came from (the unrouted counters when it named none), left in its extensions by the
 /// dispatcher for the access log and [`super::Metrics::observe`].
 #[derive(Clone)]
-pub struct Served {
-    pub stats: Arc<AppStats>,
+pub(crate) struct Served {
+    pub(crate) stats: Arc<AppStats>,
 }
 
 /// One app version's request counters.
-pub struct AppStats {
+pub(crate) struct AppStats {
     pub(crate) app: String,
     pub(crate) version: String,
     statuses: Box<[AtomicU64]>,

@@ -37,14 +37,14 @@ use crate::backends::wasm::pool::Pool;
 pub(crate) use broadcast::Update;
 use counters::Apps;
 pub(crate) use counters::{AppReading, InFlight, RETIRED};
-pub use counters::{AppStats, Served};
+pub(crate) use counters::{AppStats, Served};
 pub(crate) use snapshot::Snapshot;
 use timed::Timed;
 pub use window::WINDOW;
 pub(crate) use window::{Recent, SAMPLE_INTERVAL};
 
 /// The one source of truth for request and pool metrics.
-pub struct Metrics {
+pub(crate) struct Metrics {
     started: Instant,
     pool: Arc<Pool>,
     /// Whether requests are counted and timed (the pool's own counters always are).
@@ -57,7 +57,7 @@ pub struct Metrics {
 
 impl Metrics {
     /// Metrics for `pool`; with `requests_on` false, requests go uncounted (for measuring what counting costs).
-    pub fn new(pool: Arc<Pool>, requests_on: bool) -> Metrics {
+    pub(crate) fn new(pool: Arc<Pool>, requests_on: bool) -> Metrics {
         let started = Instant::now();
         Metrics {
             started,
@@ -71,7 +71,7 @@ impl Metrics {
     }
 
     /// The counters of one app version, made on its first request. Lock-free once made.
-    pub fn app(&self, app: &str, version: &semver::Version) -> Arc<AppStats> {
+    pub(crate) fn app(&self, app: &str, version: &semver::Version) -> Arc<AppStats> {
         self.apps.get(app, version)
     }
 
@@ -87,7 +87,7 @@ impl Metrics {
     }
 
     /// Counts a response to an app (one the dispatcher marked [`Served`]) and times it to the end of its body.
-    pub fn observe(&self, start: Instant, response: Response) -> Response {
+    pub(crate) fn observe(&self, start: Instant, response: Response) -> Response {
         if !self.requests_on {
             return response;
         }

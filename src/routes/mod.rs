@@ -49,18 +49,29 @@ impl AppState {
         })
     }
 
-    /// Scans `apps_dir` once, compiles every component, and marks the state ready: what the server's loader does
-    /// before it follows changes, without the watcher, for driving the server's `Front` in process (benchmarks).
-    /// An unreadable `apps_dir` is the error, and leaves the state loading.
+    /// Scans `apps_dir` once, compiles every component, and marks the state ready: the server's first load,
+    /// without following changes afterwards, for serving a [`crate::server::Front`] in process (an embedder, a
+    /// benchmark). An unreadable `apps_dir` is the error, and leaves the state loading.
     pub async fn load(&self) -> std::io::Result<()> {
+        self.scan().await?;
+        self.ready(true).await;
+        Ok(())
+    }
+
+    /// Reads APPS_DIR into the registry, off the async threads (it is file system work).
+    pub(crate) async fn scan(&self) -> std::io::Result<()> {
         let registry = self.registry.clone();
         tokio::task::spawn_blocking(move || registry.reload_all())
             .await
-            .expect("the scan does not panic")?;
-        for task in self.pool.sync(&self.registry.snapshot(), true) {
+            .expect("the scan does not panic")
+    }
+
+    /// Brings the pool in line with what was scanned (with `precompile`, waiting for every compile), then marks
+    /// the state ready. A draining state stays draining.
+    pub(crate) async fn ready(&self, precompile: bool) {
+        for task in self.pool.sync(&self.registry.snapshot(), precompile) {
             let _ = task.await;
         }
         self.lifecycle.set_ready();
-        Ok(())
     }
 }

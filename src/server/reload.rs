@@ -9,21 +9,19 @@ use crate::routes::AppState;
 /// component to compile.
 pub(crate) async fn follow(state: AppState, precompile: bool) {
     let registry = state.registry.clone();
-    let (watcher, loaded) = tokio::task::spawn_blocking(move || {
-        let watcher = Watcher::start(registry.clone())
+    let watcher = tokio::task::spawn_blocking(move || {
+        Watcher::start(registry)
             .map_err(|error| tracing::warn!(%error, "cannot watch the apps directory; hot reload is off"))
-            .ok();
-        (watcher, registry.reload_all())
+            .ok()
     })
     .await
-    .expect("the initial scan does not panic");
+    .expect("starting the watcher does not panic");
+    let loaded = state.scan().await;
+    // Changes from here on are followed below, including those made while the first compiles run.
     let mut changes = state.registry.subscribe();
     changes.mark_unchanged();
-    for task in state.pool.sync(&state.registry.snapshot(), precompile) {
-        let _ = task.await;
-    }
     // Ready first, then say so: whoever waits for the log line must find the server ready.
-    state.lifecycle.set_ready();
+    state.ready(precompile).await;
     match loaded {
         Ok(()) => tracing::info!(apps = state.registry.snapshot().apps.len(), "apps loaded; ready"),
         Err(error) => tracing::error!(%error, "cannot read the apps directory; ready, serving no apps"),

@@ -19,7 +19,7 @@ use serde::Serialize;
 use crate::deploy::config::WorkerConfig;
 
 pub use resolve::{parse_spec, parse_target, Spec, SpecError, Target};
-pub use scan::{load_version, scan_app, scan_apps_dir, valid_app_name, DEFAULT_ENTRYPOINTS, MAX_APP_NAME_LEN};
+pub use scan::{load_version, scan_app, scan_apps_dir, valid_app_name};
 pub(crate) use watch::Watcher;
 
 /// How a version serves requests, decided by its entrypoint's extension.
@@ -141,7 +141,7 @@ impl Snapshot {
 }
 
 /// The live set of apps under one APPS_DIR.
-pub struct Registry {
+pub(crate) struct Registry {
     apps_dir: PathBuf,
     current: ArcSwap<Snapshot>,
     /// Held by a reload from its scan to its swap, so that a full rescan (at start, or after a watcher error)
@@ -159,7 +159,7 @@ impl Registry {
     }
 
     /// A registry over a snapshot built in memory (benchmarks and tests of resolution).
-    pub fn from_snapshot(apps_dir: PathBuf, snapshot: Snapshot) -> Registry {
+    pub(crate) fn from_snapshot(apps_dir: PathBuf, snapshot: Snapshot) -> Registry {
         Registry {
             apps_dir,
             current: ArcSwap::from_pointee(snapshot),
@@ -183,7 +183,7 @@ impl Registry {
     }
 
     /// The current snapshot. Cheap: one atomic load and a reference count.
-    pub fn snapshot(&self) -> Arc<Snapshot> {
+    pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
         self.current.load_full()
     }
 

@@ -49,8 +49,8 @@ pub struct EngineSettings {
 }
 
 /// A component compiled and linked, ready to be instantiated many times.
-pub struct Loaded {
-    pub pre: ProxyPre<WorkerState>,
+pub(crate) struct Loaded {
+    pub(crate) pre: ProxyPre<WorkerState>,
     /// Whether the compiled code came from the disk cache.
     pub(crate) from_cache: bool,
     pub(crate) load_time: Duration,
@@ -59,7 +59,7 @@ pub struct Loaded {
 /// Why a component cannot be loaded: the cause of the version's log line and of its 503. Each message says
 /// only its step; the error it wraps is its `source()` (both read as one line by [`crate::error::chain`]).
 #[derive(Debug, thiserror::Error)]
-pub enum LoadError {
+pub(crate) enum LoadError {
     /// The entrypoint file could not be read.
     #[error("cannot read {}", path.display())]
     Read {
@@ -82,7 +82,7 @@ pub enum LoadError {
 }
 
 /// The process-wide engine, linker and cache.
-pub struct Engine {
+pub(crate) struct Engine {
     wasmtime: wasmtime::Engine,
     linker: Linker<WorkerState>,
     cache: Option<Cache>,
@@ -93,7 +93,7 @@ pub struct Engine {
 
 impl Engine {
     /// Builds the engine: pooled if the address space can be reserved, on-demand otherwise (with a log line).
-    pub fn new(settings: &EngineSettings) -> anyhow::Result<Engine> {
+    pub(crate) fn new(settings: &EngineSettings) -> anyhow::Result<Engine> {
         let (wasmtime, pooling) = match wasmtime::Engine::new(&config(Some(settings.pool_size))) {
             Ok(engine) => (engine, true),
             Err(error) => {
@@ -133,7 +133,7 @@ impl Engine {
         })
     }
 
-    pub fn wasmtime(&self) -> &wasmtime::Engine {
+    pub(crate) fn wasmtime(&self) -> &wasmtime::Engine {
         &self.wasmtime
     }
 
@@ -149,7 +149,7 @@ impl Engine {
 
     /// Compiles (or loads from the cache) and links the component at `path`. Blocking: call it off the async
     /// runtime's worker threads.
-    pub fn load(&self, path: &Path) -> Result<Loaded, LoadError> {
+    pub(crate) fn load(&self, path: &Path) -> Result<Loaded, LoadError> {
         let started = Instant::now();
         let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
             path: path.to_path_buf(),

@@ -173,7 +173,7 @@ fn bump(counter: &AtomicU64) {
 }
 
 /// The pool, shared by every request.
-pub struct Pool {
+pub(crate) struct Pool {
     engine: Arc<Engine>,
     shared: Arc<Shared>,
     versions: Versions,
@@ -182,7 +182,7 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(engine: Arc<Engine>, pool_size: usize, queue_limit: usize) -> Pool {
+    pub(crate) fn new(engine: Arc<Engine>, pool_size: usize, queue_limit: usize) -> Pool {
         Pool {
             engine,
             shared: Arc::new(Shared::new(pool_size, queue_limit)),
