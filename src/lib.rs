@@ -19,13 +19,14 @@
 //! 6. [`error`]: every failure a request can meet, and the one place it becomes a JSON response.
 //! 7. [`deploy`]: what is on disk: `worker.config.json` and its schema, compiled proxy rules, the registry of
 //!    apps and versions (scan, semver resolution, hot reload). It knows nothing of HTTP responses.
-//! 8. `negotiate` and `log_fields`: reading weighted header lists (`Accept`, `Accept-Encoding`), and how values
-//!    are written in log lines; any layer may use them.
+//! 8. `negotiate`, `log_fields` and `guarded_body`: reading weighted header lists (`Accept`, `Accept-Encoding`),
+//!    how values are written in log lines, and a response body that holds a guard; any layer may use them.
 
 pub mod backends;
 pub mod cli;
 pub mod deploy;
 pub mod error;
+mod guarded_body;
 #[cfg(test)]
 mod layers;
 mod log_fields;

@@ -39,7 +39,7 @@ use counters::Apps;
 pub(crate) use counters::{AppReading, InFlight, RETIRED};
 pub(crate) use counters::{AppStats, Served};
 pub(crate) use snapshot::Snapshot;
-use timed::Timed;
+use timed::timed;
 pub use window::WINDOW;
 pub(crate) use window::{Recent, SAMPLE_INTERVAL};
 
@@ -96,7 +96,7 @@ impl Metrics {
         };
         let stats = served.stats.clone();
         stats.count(response.status());
-        response.map(|inner| axum::body::Body::new(Timed::new(inner, start, stats)))
+        response.map(|body| timed(body, start, stats))
     }
 
     fn read_apps(&self) -> Vec<AppReading> {

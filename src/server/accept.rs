@@ -21,7 +21,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -34,6 +33,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::Sleep;
 
 use crate::backends::proxy::ClientAddr;
+use crate::guarded_body::Guarded;
 use crate::routes::AppState;
 use crate::server::front::Front;
 
@@ -127,10 +127,8 @@ pub(crate) async fn run(
                 let mut request = request.map(Body::new);
                 request.extensions_mut().insert(client);
                 let response = front.handle(request).await;
-                Ok::<_, Infallible>(response.map(|body| Tracked {
-                    body,
-                    _in_flight: in_flight,
-                }))
+                // The request stays in progress until hyper drops its body: sent to the end, or abandoned.
+                Ok::<_, Infallible>(response.map(|body| Guarded::new(body, in_flight)))
             }
         });
         let connection = builder
@@ -222,33 +220,6 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.finished.fetch_add(1, Ordering::Release);
-    }
-}
-
-/// A response body that holds its request's [`InFlight`] for as long as hyper holds the body. It wraps rather
-/// than boxes, so a response costs no extra allocation.
-struct Tracked {
-    body: Body,
-    _in_flight: InFlight,
-}
-
-impl http_body::Body for Tracked {
-    type Data = bytes::Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
     }
 }
 
