@@ -1,6 +1,6 @@
 //! Shared test harness: a temporary APPS_DIR, the real server on 127.0.0.1:0, and raw HTTP for requests that a
 //! well-behaved client library would refuse to send (it would normalise `..` away).
-#![allow(dead_code)] // each test binary uses a different part of this module
+#![allow(dead_code)] // the benches include this file too (`#[path]`), and each uses a different part of it
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -44,8 +44,9 @@ impl AppsDir {
     }
 }
 
-/// The example components of `runtime-sdk/examples`, built from source once per test binary; returns the path
-/// of the built `<name>.wasm` (`hello`, `echo`, `todo_api`, `lab`, `raw_wasip2`).
+/// The example components of `runtime-sdk/examples`, built from source once per process (for the test binary:
+/// once per run, by whichever test asks first, while the others wait); returns the path of the built
+/// `<name>.wasm` (`hello`, `echo`, `todo_api`, `lab`, `raw_wasip2`).
 pub fn guest(name: &str) -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     let dir = BUILT.get_or_init(|| {

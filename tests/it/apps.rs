@@ -1,8 +1,6 @@
 //! Versioned apps over HTTP: resolution, errors, invalid configs, internal routes.
 
-mod common;
-
-use common::{client, raw_get, AppsDir, TestServer};
+use crate::common::{client, raw_get, AppsDir, TestServer};
 use serde_json::Value;
 
 /// `hello` with releases, a prerelease and a `v` spelling; `beta` with only prereleases.
@@ -243,7 +241,7 @@ async fn oversized_headers_are_refused_without_hurting_the_server() {
         "GET /hello/ HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
         "a".repeat(100_000)
     );
-    let response = common::raw_request(server.addr, &request).await;
+    let response = crate::common::raw_request(server.addr, &request).await;
     assert_eq!(response.status, 431);
     assert_eq!(body_of(&server, "/hello@1.0.0/").await.0, 200);
 }
@@ -252,7 +250,7 @@ async fn oversized_headers_are_refused_without_hurting_the_server() {
 async fn garbage_instead_of_http_closes_that_connection_only() {
     let apps = versioned_apps();
     let server = TestServer::start(&apps.path()).await;
-    let response = common::raw_request(server.addr, "NOT HTTP AT ALL\r\n\r\n").await;
+    let response = crate::common::raw_request(server.addr, "NOT HTTP AT ALL\r\n\r\n").await;
     assert_eq!(response.status, 400);
     assert_eq!(body_of(&server, "/hello@1.0.0/").await.0, 200);
 }

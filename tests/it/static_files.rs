@@ -1,9 +1,7 @@
 //! Static apps: content types, conditional and range requests, precompressed files, the SPA fallback, and every
 //! way a request might try to read outside the app's directory.
 
-mod common;
-
-use common::{client, raw_get, AppsDir, TestServer};
+use crate::common::{client, raw_get, AppsDir, TestServer};
 use reqwest::header;
 
 fn site() -> AppsDir {

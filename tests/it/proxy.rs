@@ -1,18 +1,16 @@
 //! Proxy rules against real upstreams started here on 127.0.0.1: an axum server that reports what it received,
 //! a TLS server with a self-signed certificate, and WebSocket echo servers.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::{client, AppsDir, MarinaProcess, TestServer};
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use common::{client, AppsDir, MarinaProcess, TestServer};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -273,6 +271,7 @@ async fn redirects_that_point_at_the_upstream_come_back_under_the_apps_prefix() 
 
 #[tokio::test]
 async fn upstream_failures_are_502_and_504_naming_the_rule() {
+    let _machine = crate::timed().await; // the 504 within 4 s
     let up = upstream().await;
     let closed = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -321,6 +320,7 @@ async fn upstream_failures_are_502_and_504_naming_the_rule() {
 
 #[tokio::test]
 async fn a_response_body_is_cut_when_the_upstream_stalls_for_the_rules_timeout_but_not_when_it_trickles() {
+    let _machine = crate::timed().await; // trickled chunks closer than the 1 s timeout
     let up = upstream().await;
     let rule = json!({"proxy": {"^/": {"target": format!("http://{up}"), "timeout": 1}}});
     let (server, _apps) = serve(&[("streams", rule)]).await;
@@ -415,6 +415,7 @@ async fn a_rewrite_that_names_a_missing_group_is_refused_with_a_hint() {
 
 #[tokio::test]
 async fn a_100_mb_body_streams_through_the_proxy_both_ways_without_the_host_holding_it() {
+    let _machine = crate::heavy().await; // 200 MiB through the proxy
     let up = upstream().await;
     let apps = AppsDir::new();
     proxied(
@@ -688,6 +689,7 @@ async fn a_frame_sent_right_behind_the_upgrade_request_is_not_lost() {
 
 #[tokio::test]
 async fn shutdown_closes_open_tunnels_instead_of_waiting_for_them() {
+    let _machine = crate::timed().await; // shut down within 3 s
     let up = websocket_upstream(false).await;
     let (server, _apps) = serve(&[("live", json!({"proxy": {"^/": {"target": format!("http://{up}")}}}))]).await;
     let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{}/live/", server.addr))

@@ -3,8 +3,6 @@
 //! saw (status, a complete body, which version answered) and what the server logged, never on how long it took;
 //! time only tells which requests were sent before the signal.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -13,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::common::{client, guest, AppsDir, MarinaProcess, TestServer};
 use bytes::Bytes;
-use common::{client, guest, AppsDir, MarinaProcess, TestServer};
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
@@ -421,6 +419,7 @@ fn ms_from(origin: Instant, at: Instant) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_loses_no_in_flight_request() {
+    let _machine = crate::heavy().await; // 16 clients, streamed bodies, a drain
     let apps = AppsDir::new();
     apps.component("lab", "1.0.0", "lab", json!({ "ttl": 60 }));
     let timeout = format!("{}s", DRAIN_TIMEOUT.as_secs());
@@ -634,6 +633,7 @@ async fn answers(server: &TestServer, path: &str, status: u16) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swapping_a_version_directory_under_load_loses_no_request() {
+    let _machine = crate::heavy().await; // 10 clients while versions are swapped
     let apps = AppsDir::new();
     let staging = tempfile::tempdir_in(apps.path().parent().unwrap()).unwrap();
     let lab = apps.path().join("lab");

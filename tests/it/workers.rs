@@ -1,11 +1,9 @@
 //! The worker pool's rules, over the real server and real components built from runtime-sdk: the POOL_SIZE cap
 //! under load, fresh and warm workers, recycling, idle reaping, LRU eviction, the wait queue, and deadlines.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{client, get_json, AppsDir, TestServer};
+use crate::common::{client, get_json, AppsDir, TestServer};
 use marina::server::ServeOptions;
 use serde_json::{json, Value};
 
@@ -28,6 +26,7 @@ async fn start(apps: &AppsDir, pool_size: usize, queue_limit: usize) -> TestServ
 
 #[tokio::test]
 async fn the_pool_never_holds_more_instances_than_pool_size_under_load_across_apps() {
+    let _machine = crate::heavy().await; // 200 requests at once
     let apps = AppsDir::new();
     for i in 0..5 {
         apps.component(&format!("app{i}"), "1.0.0", "lab", json!({"ttl": 60, "timeout": 60}));
@@ -185,6 +184,7 @@ async fn a_full_queue_answers_503_with_retry_after_and_queued_requests_are_still
 
 #[tokio::test]
 async fn a_request_waits_in_the_queue_only_until_its_timeout() {
+    let _machine = crate::timed().await; // the 503 within 2.4 s
     let apps = AppsDir::new();
     apps.component("slow", "1.0.0", "lab", json!({"ttl": 60, "timeout": 30}));
     apps.component("quick", "1.0.0", "lab", json!({"ttl": 60, "timeout": 1}));

@@ -1,12 +1,10 @@
 //! Observability over the real server and real components: the counters under load, the JSON and Prometheus views
 //! agreeing, the SSE stream (framing, interval, disconnects, shutdown), and the dashboard in a real browser.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{client, AppsDir, TestServer};
+use crate::common::{client, AppsDir, TestServer};
 use futures_util::StreamExt;
 use marina::server::ServeOptions;
 use serde_json::{json, Value};
@@ -575,6 +573,7 @@ fn parse_frame(text: &str) -> Frame {
 
 #[tokio::test]
 async fn sse_frames_are_well_formed_and_arrive_each_interval() {
+    let _machine = crate::timed().await; // frames 0.2-5 s apart
     let (_apps, server) = lab(json!({"ttl": 60}), 4).await;
     status_of(&server, "/lab/count").await;
     let mut every_second = Subscriber::open(&server, "").await;
@@ -699,6 +698,7 @@ async fn streams_beyond_the_limit_are_refused_until_one_closes() {
 
 #[tokio::test]
 async fn shutdown_completes_while_sse_clients_are_connected() {
+    let _machine = crate::timed().await; // shut down within 10 s
     let (_apps, server) = lab(json!({"ttl": 60}), 4).await;
     let mut subscribers = Vec::new();
     for _ in 0..3 {
@@ -862,6 +862,7 @@ fn number(text: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_live_numbers_under_load_and_reconnects_after_a_restart() {
+    let _machine = crate::heavy().await; // a browser, and requests for 4 s
     let apps = AppsDir::new();
     apps.component("lab", "1.0.0", "lab", json!({"ttl": 60}));
     let options = || {

@@ -1,11 +1,9 @@
 //! What a worker can see and reach: only its config's env, only its own version directory (read-only), and
 //! outbound HTTP only to the hosts its config lists. Also the request-body limit and streaming through a worker.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{client, AppsDir, MarinaProcess, TestServer};
+use crate::common::{client, AppsDir, MarinaProcess, TestServer};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
@@ -151,6 +149,7 @@ const MIB: usize = 1024 * 1024;
 
 #[tokio::test]
 async fn a_100_mb_upload_streams_through_a_worker_and_back_without_the_host_holding_it() {
+    let _machine = crate::heavy().await; // 200 MiB through a worker
     let apps = AppsDir::new();
     apps.component(
         "echo",
@@ -202,6 +201,7 @@ async fn a_100_mb_upload_streams_through_a_worker_and_back_without_the_host_hold
 
 #[tokio::test]
 async fn a_large_response_streams_to_the_client_as_the_guest_writes_it() {
+    let _machine = crate::heavy().await; // 64 MiB through a worker
     let apps = AppsDir::new();
     apps.component("lab", "1.0.0", "lab", json!({"timeout": 60}));
     let server = TestServer::start(&apps.path()).await;

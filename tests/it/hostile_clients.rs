@@ -5,12 +5,10 @@
 //! The timeouts are set short in the options; the bounds the tests wait within are generous, because they assert
 //! what happens, not how fast.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::common::{AppsDir, TestServer};
 use bytes::Bytes;
-use common::{AppsDir, TestServer};
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};

@@ -2,11 +2,9 @@
 //! routes or other apps, one app cannot keep every pool slot (or the whole queue) while another waits, and each
 //! version's guest CPU is counted where an operator looks. Behaviour, not timings: bounds are generous.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{client, get_json as get, AppsDir, TestServer};
+use crate::common::{client, get_json as get, AppsDir, TestServer};
 use marina::server::ServeOptions;
 use serde_json::{json, Value};
 
@@ -35,6 +33,7 @@ async fn wait_for(server: &TestServer, what: &str, condition: impl Fn(&Value) ->
 
 #[tokio::test]
 async fn while_four_infinite_loops_run_the_host_and_a_healthy_app_keep_answering_and_the_loops_end_in_504() {
+    let _machine = crate::heavy().await; // four guests spinning, and answers timed while they do
     let apps = AppsDir::new();
     apps.component("spin", "1.0.0", "lab", json!({"timeout": 3}));
     apps.component("calm", "1.0.0", "lab", json!({"ttl": 60}));

@@ -2,11 +2,9 @@
 //! that returns without responding, a deadline that covers everything before the response head, a stalled body
 //! cut while a steady stream is not, and request bodies over the limit with no `Content-Length`.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{client, get_json as get, AppsDir, TestServer};
+use crate::common::{client, get_json as get, AppsDir, TestServer};
 use futures_util::StreamExt;
 use marina::server::ServeOptions;
 use serde_json::{json, Value};
@@ -22,6 +20,7 @@ async fn start(apps: &AppsDir) -> TestServer {
 
 #[tokio::test]
 async fn a_handler_that_returns_without_responding_gets_500_at_once_and_the_next_request_a_new_instance() {
+    let _machine = crate::timed().await; // the 500 within 1.5 s
     let apps = AppsDir::new();
     apps.component("fresh", "1.0.0", "raw_wasip2", json!({"ttl": 0, "timeout": 2}));
     apps.component("warm", "1.0.0", "raw_wasip2", json!({"ttl": 30, "timeout": 2}));
@@ -77,6 +76,7 @@ async fn a_handler_that_returns_without_responding_gets_500_at_once_and_the_next
 
 #[tokio::test]
 async fn the_timeout_covers_the_wait_for_the_head_and_a_body_that_stalls_is_cut_and_its_worker_discarded() {
+    let _machine = crate::timed().await; // the 504 within 2.5 s
     let apps = AppsDir::new();
     apps.component("lab", "1.0.0", "lab", json!({"ttl": 60, "timeout": 1}));
     let server = start(&apps).await;
@@ -116,6 +116,7 @@ async fn the_timeout_covers_the_wait_for_the_head_and_a_body_that_stalls_is_cut_
 
 #[tokio::test]
 async fn a_steady_stream_that_outlasts_the_timeout_is_not_cut() {
+    let _machine = crate::timed().await; // chunks closer than the 1 s timeout
     let apps = AppsDir::new();
     apps.component("lab", "1.0.0", "lab", json!({"ttl": 60, "timeout": 1}));
     let server = start(&apps).await;

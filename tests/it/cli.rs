@@ -1,10 +1,8 @@
 //! The `marina` command line: settings refused before anything binds, `check`, `schema`, the environment.
 
-mod common;
-
 use std::process::{Command, Output};
 
-use common::{AppsDir, MarinaProcess};
+use crate::common::{AppsDir, MarinaProcess};
 
 fn marina(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_marina"))
@@ -163,7 +161,7 @@ fn check_on_a_missing_directory_says_so() {
 fn the_committed_schema_is_the_one_generated_from_the_config_types() {
     let output = marina(&["schema"]);
     assert!(output.status.success());
-    let committed = include_str!("../worker.config.schema.json");
+    let committed = include_str!("../../worker.config.schema.json");
     assert_eq!(
         stdout(&output),
         committed,
@@ -173,7 +171,7 @@ fn the_committed_schema_is_the_one_generated_from_the_config_types() {
 
 #[test]
 fn the_schema_names_every_documented_field_and_refuses_unknown_ones() {
-    let schema: serde_json::Value = serde_json::from_str(include_str!("../worker.config.schema.json")).unwrap();
+    let schema: serde_json::Value = serde_json::from_str(include_str!("../../worker.config.schema.json")).unwrap();
     assert_eq!(
         schema["additionalProperties"], false,
         "unknown fields are refused by the schema as by serde"

@@ -1,10 +1,8 @@
 //! Hot reload: versions and apps added, removed and edited while the server runs.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{client, AppsDir, TestServer};
+use crate::common::{client, AppsDir, TestServer};
 use futures_util::StreamExt;
 
 /// The promise in the README: a change on disk is visible to new requests within this long.
@@ -110,7 +108,7 @@ async fn serving_and_compiling_files_does_not_count_as_a_change() {
     apps.static_version("site", "1.0.0");
     apps.write("site/1.0.0/worker.config.json", "{}");
     apps.component("hello", "1.0.0", "hello", serde_json::json!({}));
-    let marina = common::MarinaProcess::serve(&apps.path(), &[]);
+    let marina = crate::common::MarinaProcess::serve(&apps.path(), &[]);
     for path in ["/site/", "/hello/", "/site/", "/hello/"] {
         assert_eq!(client().get(marina.url(path)).send().await.unwrap().status(), 200);
     }

@@ -1,11 +1,9 @@
 //! Compiling components: the on-disk cache (reused across restarts, rebuilt when corrupt), `--precompile`, and
 //! versions added by hot reload compiling before their first request. Also what workers write to the log.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{client, AppsDir, MarinaProcess};
+use crate::common::{client, AppsDir, MarinaProcess};
 use serde_json::{json, Value};
 
 fn is_component_loaded(entry: &Value, app: &str) -> bool {

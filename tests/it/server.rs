@@ -1,11 +1,9 @@
 //! The server as a process and a protocol: HTTP/2 cleartext, readiness, graceful shutdown on SIGTERM, access logs.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::common::{client, AppsDir, MarinaProcess, TestServer};
 use axum::body::Body;
-use common::{client, AppsDir, MarinaProcess, TestServer};
 use futures_util::StreamExt;
 use marina::backends::wasm::engine::EngineSettings;
 use marina::routes::lifecycle::Lifecycle;
