@@ -13,6 +13,7 @@ mod common;
 
 mod apps;
 mod cli;
+mod compile_cache;
 mod engine;
 mod fair_execution;
 mod hostile_clients;
