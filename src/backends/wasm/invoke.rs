@@ -49,6 +49,10 @@ use crate::error::Error;
 const GATHER_WAIT: Duration = Duration::from_millis(2);
 /// The most body a response head waits to gather; past it, the body streams.
 const GATHER_BYTES: usize = 64 * 1024;
+/// How long the front, its own timer past the deadline, waits for the call's answer: the call's timer fires at
+/// the same instant and answers once the timeout is counted and the worker discarded, so what the client reads
+/// next (the stats, a fresh worker) follows from it. A guest lane starved of CPU does not hold the 504 longer.
+const TIMEOUT_SETTLE: Duration = Duration::from_secs(1);
 
 /// What a guest's handler gives back through its `response-outparam`.
 type GuestResponse = Result<hyper::Response<HyperOutgoingBody>, ErrorCode>;
@@ -155,7 +159,7 @@ pub(crate) async fn invoke(
     let request = request.map(|body| limited(body, limit, link.clone()));
 
     let clock = Arc::new(CallClock::new(deadline));
-    let (head_sender, head) = oneshot::channel();
+    let (head_sender, mut head) = oneshot::channel();
     let (released_sender, released) = oneshot::channel();
     let call = run(
         pool.clone(),
@@ -172,13 +176,16 @@ pub(crate) async fn invoke(
     let waited = tokio::select! {
         // The call's own answer first, when both are there: it knows best what happened.
         biased;
-        head = head => head,
+        head = &mut head => head,
         () = sleep_until(deadline) => {
             // Still in the pool's queue: the pool was busy the whole time (503), the app never got the request.
             if clock.is_queued() {
                 return Err(Error::PoolBusy(pool.queue_timed_out().into()));
             }
-            return Err(timed_out(&runtime));
+            match tokio::time::timeout(TIMEOUT_SETTLE, &mut head).await {
+                Ok(head) => head,
+                Err(_) => return Err(timed_out(&runtime)),
+            }
         }
         () = over_limit => return Err(Error::BodyTooLarge { limit }),
     };
