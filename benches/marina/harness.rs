@@ -151,10 +151,11 @@ pub struct Load {
     pub requests: u64,
 }
 
+/// A `wrk` run of `secs` on `url` with [`CONNECTIONS`] connections and `WRK_THREADS` threads (default 1).
 pub fn wrk(url: &str, secs: u64) -> Load {
     let output = Command::new("wrk")
         .args([
-            "-t2",
+            &format!("-t{}", env_number("WRK_THREADS", 1)),
             &format!("-c{CONNECTIONS}"),
             &format!("-d{secs}s"),
             "--latency",
@@ -181,6 +182,23 @@ pub fn wrk(url: &str, secs: u64) -> Load {
         p50_ms: millis(field("50%")),
         p99_ms: millis(field("99%")),
         requests,
+    }
+}
+
+/// The middle value (the upper one of an even count).
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// The median of each figure of `loads`, taken separately.
+pub fn median_load(loads: Vec<Load>) -> Load {
+    let middle = |figure: fn(&Load) -> f64| median(loads.iter().map(figure).collect());
+    Load {
+        rps: middle(|load| load.rps),
+        p50_ms: middle(|load| load.p50_ms),
+        p99_ms: middle(|load| load.p99_ms),
+        requests: 0,
     }
 }
 

@@ -520,11 +520,6 @@ fn check_apps(addr: SocketAddr) {
     }
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
 /// The `fraction` quantile of `values` (nearest rank).
 fn quantile(values: &[f64], fraction: f64) -> f64 {
     let mut sorted = values.to_vec();
@@ -659,7 +654,7 @@ pub fn main() {
 
 fn report(scenarios: &[Scenario], runs: &[Vec<Run>], secs: u64) {
     let rounds = runs[0].len();
-    let rate = |runs: &[Run]| median(runs.iter().map(|run| run.healthy.rate(200)).collect());
+    let rate = |runs: &[Run]| harness::median(runs.iter().map(|run| run.healthy.rate(200)).collect());
     let control = rate(&runs[0]);
     println!();
     println!(
@@ -685,7 +680,7 @@ fn report(scenarios: &[Scenario], runs: &[Vec<Run>], secs: u64) {
             .iter()
             .map(|run| run.healthy.p99_ms)
             .collect::<Option<Vec<f64>>>()
-            .map_or("".to_owned(), |p99s| format!("{:.2} ms", median(p99s)));
+            .map_or("".to_owned(), |p99s| format!("{:.2} ms", harness::median(p99s)));
         let not_ok: u64 = runs
             .iter()
             .map(|run| run.healthy.statuses.values().sum::<u64>() - run.healthy.count(200) + run.healthy.errors)

@@ -3,7 +3,7 @@
 //! nginx's `proxy_pass` with keep-alive upstream connections, all in the same run with the same load.
 //!
 //! `cargo bench --bench marina -- proxy` (needs `wrk`: `apt-get install wrk`; nginx is included when `NGINX` names its
-//! binary or `nginx` is on the PATH: `apt-get install nginx`). Each scenario is a `wrk -t2 -c64` run of
+//! binary or `nginx` is on the PATH: `apt-get install nginx`). Each scenario is a `wrk -t1 -c64` run of
 //! `BENCH_SECS` (default 10), the scenarios taking turns for `BENCH_ROUNDS` rounds (default 3); the table shows
 //! each scenario's median round. The upstream is an axum "hello" handler on a runtime of its own. Run without
 //! `--bench` (as `cargo test --all-targets` does) it only checks that every scenario answers.
@@ -75,20 +75,11 @@ fn round(url: &str, secs: u64, forwarder: &Forwarder) -> Round {
 
 /// The median of each figure of `rounds`, taken separately.
 fn median(rounds: Vec<Round>) -> Round {
-    let middle = |figure: fn(&Round) -> f64| {
-        let mut values: Vec<f64> = rounds.iter().map(figure).collect();
-        values.sort_by(f64::total_cmp);
-        values[values.len() / 2]
-    };
+    let middle = |figure: fn(&Round) -> f64| harness::median(rounds.iter().map(figure).collect());
     Round {
-        load: Load {
-            rps: middle(|round| round.load.rps),
-            p50_ms: middle(|round| round.load.p50_ms),
-            p99_ms: middle(|round| round.load.p99_ms),
-            requests: 0,
-        },
         forwarder_us: middle(|round| round.forwarder_us),
         upstream_us: middle(|round| round.upstream_us),
+        load: harness::median_load(rounds.into_iter().map(|round| round.load).collect()),
     }
 }
 
@@ -183,15 +174,18 @@ pub fn main() {
             }
             let results: Vec<Round> = rounds.into_iter().map(median).collect();
             let direct = &results[0].load;
+            // The anchor a user would pick instead of a proxy rule, when it ran.
+            let nginx_rps = nginx.as_ref().map(|_| results[results.len() - 1].load.rps);
             println!(
-                "| scenario | requests/s | vs direct | p50 | p99 | p99 added | forwarder CPU/request | \
+                "| scenario | requests/s | vs direct | vs nginx | p50 | p99 | p99 added | forwarder CPU/request | \
                  upstream CPU/request |"
             );
-            println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+            println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
             for ((name, _, _), result) in scenarios.iter().zip(&results) {
                 let load = &result.load;
+                let vs_nginx = nginx_rps.map_or(String::new(), |nginx| format!("{:.2}x", load.rps / nginx));
                 println!(
-                    "| {name} | {:.0} | {:.0}% | {:.2} ms | {:.2} ms | {:+.2} ms | {:.1} us | {:.1} us |",
+                    "| {name} | {:.0} | {:.0}% | {vs_nginx} | {:.2} ms | {:.2} ms | {:+.2} ms | {:.1} us | {:.1} us |",
                     load.rps,
                     100.0 * load.rps / direct.rps,
                     load.p50_ms,

@@ -1,12 +1,15 @@
-//! Worker throughput and latency against a native axum handler, measured in the same run with the same load.
+//! Worker throughput and latency against the hosts a user would pick instead, measured in the same run with the
+//! same load.
 //!
-//! `cargo bench --bench marina -- workers` (needs `wrk`: `apt-get install wrk`). Scenarios, each a `wrk -t2 -c64` run:
+//! `cargo bench --bench marina -- workers` (needs `wrk`: `apt-get install wrk`; the `wasmtime serve` anchors need
+//! `cargo install --locked wasmtime-cli@48`, found through `WASMTIME` or the PATH, and are skipped without it).
+//! Scenarios, each a `wrk -t1 -c64` run, taking turns for `BENCH_ROUNDS` rounds (median reported):
 //!
-//! - native: an axum "hello" handler on its own port, the baseline;
-//! - warm: `hello` with `ttl > 0` (instances reused);
-//! - fresh: `hello` with `ttl: 0` (a new instance per request);
+//! - native: an axum "hello" handler on its own port, the limit;
 //! - marina's own `/_/health` route, to separate the host's HTTP stack from the worker;
-//! - `wasmtime serve -Scli` on the same component, when `WASMTIME` names a wasmtime binary (or one is on the PATH);
+//! - warm: `hello` with `ttl > 0` (instances reused), against `wasmtime serve` with instance reuse and a timeout;
+//! - fresh: `hello` with `ttl: 0` (a new instance per request), against `wasmtime serve`'s instance per request;
+//! - the two `wasmtime serve` anchors on the same component;
 //!
 //! then what request metrics cost: the warm scenario on two servers, one with `--no-request-metrics`, in
 //! alternating runs (the machine's drift hits both alike), plus the metrics' own cost per request in process
@@ -28,7 +31,7 @@ use marina::server::Front;
 use serde_json::json;
 
 use crate::common;
-use crate::harness::{self, start_marina, start_marina_with, start_native, wrk, Load};
+use crate::harness::{self, median, start_marina, start_marina_with, start_native, wrk, Load};
 
 /// First-request samples per cache state; the median is reported.
 const FIRST_REQUEST_SAMPLES: usize = 5;
@@ -70,24 +73,44 @@ async fn first_requests(apps: &Path, cache_dir: &Path, prefix: &str, count: usiz
     samples
 }
 
-fn median(mut samples: Vec<f64>) -> f64 {
-    samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
-}
+/// How many requests `wasmtime serve` may give one instance in the reuse anchor: in effect, never a new one.
+const REUSE_COUNT: &str = "1000000000";
 
 /// `wasmtime serve` on the same component, when a `wasmtime` binary is given in `WASMTIME` (or on the PATH), as
-/// the reference host. Returns the child and the address it listens on.
-fn start_wasmtime_serve(component: &Path) -> Option<(std::process::Child, SocketAddr)> {
+/// the reference host: with `reuse`, instances serve many requests (and a timeout is kept, as Marina always
+/// has one); without, each request gets a fresh instance, `wasmtime serve`'s default for wasip2. Returns the child
+/// and the address it listens on.
+fn start_wasmtime_serve(component: &Path, reuse: bool) -> Option<(std::process::Child, SocketAddr)> {
     let binary = std::env::var("WASMTIME").unwrap_or_else(|_| "wasmtime".into());
     let addr = harness::free_addr()?;
-    let child = Command::new(binary)
-        .args(["serve", "-Scli", "--addr", &addr.to_string()])
+    let mut command = Command::new(binary);
+    command.args(["serve", "-Scli", "--addr", &addr.to_string()]);
+    if reuse {
+        command.args([
+            "--max-instance-reuse-count",
+            REUSE_COUNT,
+            "--idle-instance-timeout",
+            "3600s",
+            "-Wtimeout=30s",
+        ]);
+    }
+    let child = command
         .arg(component)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .ok()?;
     harness::when_listening(child, addr, Duration::from_secs(30))
+}
+
+/// What a scenario's rate is compared with, besides the native handler.
+#[derive(Clone, Copy, PartialEq)]
+enum Anchor {
+    None,
+    /// Compared with `wasmtime serve` with instance reuse.
+    Reuse,
+    /// Compared with `wasmtime serve` with an instance per request.
+    Fresh,
 }
 
 pub fn main() {
@@ -113,38 +136,91 @@ pub fn main() {
 
         let native = start_native().await;
         let marina = start_marina(apps.path(), None).await;
-        let wasmtime = start_wasmtime_serve(&hello);
+        let reusing = start_wasmtime_serve(&hello, true);
+        let fresh = start_wasmtime_serve(&hello, false);
+        if reusing.is_none() || fresh.is_none() {
+            eprintln!(
+                "no `wasmtime` binary (set WASMTIME, or `cargo install --locked wasmtime-cli@48`): the wasmtime serve \
+                 anchors are skipped"
+            );
+        }
         let mut scenarios = vec![
-            ("native axum hello", native.url("/")),
-            ("marina `/_/health` (host only, no worker)", marina.url("/_/health")),
-            ("hello, ttl > 0 (warm)", marina.url("/warm/")),
-            ("hello, ttl: 0 (fresh)", marina.url("/fresh/")),
+            ("native axum hello", native.url("/"), Anchor::None),
+            (
+                "marina `/_/health` (host only, no worker)",
+                marina.url("/_/health"),
+                Anchor::None,
+            ),
+            ("marina hello, ttl > 0 (warm)", marina.url("/warm/"), Anchor::Reuse),
+            ("marina hello, ttl: 0 (fresh)", marina.url("/fresh/"), Anchor::Fresh),
         ];
-        if let Some((_, addr)) = &wasmtime {
+        if let Some((_, addr)) = &reusing {
             scenarios.push((
-                "`wasmtime serve -Scli` on the same component",
+                "`wasmtime serve`, instance reuse, 30 s timeout",
                 format!("http://{addr}/"),
+                Anchor::None,
             ));
         }
-        let urls: Vec<&String> = scenarios.iter().map(|(_, url)| url).collect();
+        if let Some((_, addr)) = &fresh {
+            scenarios.push((
+                "`wasmtime serve`, an instance per request",
+                format!("http://{addr}/"),
+                Anchor::None,
+            ));
+        }
         if !benchmarking {
-            for url in &urls {
+            for (_, url, _) in &scenarios {
                 harness::smoke(url).await;
             }
         } else {
-            // Compile and warm up before measuring, then measure each scenario alone.
-            for url in &urls {
+            // Compile and warm up before measuring, then the scenarios take turns, round after round, so the
+            // machine's drift hits each alike; the median round of each is reported.
+            for (_, url, _) in &scenarios {
                 let _ = wrk(url, 1);
             }
-            let results: Vec<Load> = urls.iter().map(|url| wrk(url, secs)).collect();
-            let base = results[0].rps;
-            println!("| scenario | requests/s | vs native | p50 | p99 |");
-            println!("|---|---:|---:|---:|---:|");
-            for ((name, _), load) in scenarios.iter().zip(&results) {
+            let mut rounds: Vec<Vec<Load>> = scenarios.iter().map(|_| Vec::new()).collect();
+            for number in 0..harness::rounds() {
+                for ((name, url, _), rounds) in scenarios.iter().zip(&mut rounds) {
+                    let load = wrk(url, secs);
+                    eprintln!(
+                        "round {number}: {name}: {:.0} requests/s, p99 {:.2} ms",
+                        load.rps, load.p99_ms
+                    );
+                    rounds.push(load);
+                }
+            }
+            let results: Vec<Load> = rounds.into_iter().map(harness::median_load).collect();
+            let rate_of = |wanted: &str| {
+                scenarios
+                    .iter()
+                    .zip(&results)
+                    .find(|((name, _, _), _)| name.starts_with(wanted))
+                    .map(|(_, load)| load)
+            };
+            let reuse_anchor = rate_of("`wasmtime serve`, instance reuse");
+            let fresh_anchor = rate_of("`wasmtime serve`, an instance");
+            let native_rps = results[0].rps;
+            println!(
+                "| scenario | requests/s | vs native | vs its `wasmtime serve` anchor | p50 | p99 | anchor's p99 |"
+            );
+            println!("|---|---:|---:|---:|---:|---:|---:|");
+            for ((name, _, anchor), load) in scenarios.iter().zip(&results) {
+                let anchor = match anchor {
+                    Anchor::None => None,
+                    Anchor::Reuse => reuse_anchor,
+                    Anchor::Fresh => fresh_anchor,
+                };
+                let (ratio, anchor_p99) = match anchor {
+                    Some(anchor) => (
+                        format!("{:.2}x", load.rps / anchor.rps),
+                        format!("{:.2} ms", anchor.p99_ms),
+                    ),
+                    None => ("".into(), "".into()),
+                };
                 println!(
-                    "| {name} | {:.0} | {:.0}% | {:.2} ms | {:.2} ms |",
+                    "| {name} | {:.0} | {:.2} | {ratio} | {:.2} ms | {:.2} ms | {anchor_p99} |",
                     load.rps,
-                    100.0 * load.rps / base,
+                    load.rps / native_rps,
                     load.p50_ms,
                     load.p99_ms
                 );
@@ -153,7 +229,7 @@ pub fn main() {
         marina.stop().await;
         native.stop().await;
         metrics_cost(apps.path(), benchmarking, secs).await;
-        if let Some((mut child, _)) = wasmtime {
+        for (mut child, _) in reusing.into_iter().chain(fresh) {
             let _ = child.kill();
             let _ = child.wait();
         }
