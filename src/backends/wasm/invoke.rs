@@ -182,9 +182,11 @@ pub(crate) async fn invoke(
             if clock.is_queued() {
                 return Err(Error::PoolBusy(pool.queue_timed_out().into()));
             }
+            // The answer stays the 504 (whatever the call makes of its own deadline, say a start cut short),
+            // unless the guest set its response at the last moment.
             match tokio::time::timeout(TIMEOUT_SETTLE, &mut head).await {
-                Ok(head) => head,
-                Err(_) => return Err(timed_out(&runtime)),
+                Ok(Ok(Ok(response))) => Ok(Ok(response)),
+                _ => return Err(timed_out(&runtime)),
             }
         }
         () = over_limit => return Err(Error::BodyTooLarge { limit }),
