@@ -145,13 +145,15 @@ pub fn main() {
                 Forwarder::ThisProcess,
             ),
         ];
-        if let Some((child, addr)) = &nginx {
+        // The anchor a user would pick instead of a proxy rule: its row, when it runs.
+        let nginx_row = nginx.as_ref().map(|(child, addr)| {
             scenarios.push((
                 "through nginx `proxy_pass` (keep-alive upstream)",
                 format!("http://{addr}/"),
                 Forwarder::Nginx(child.id()),
             ));
-        }
+            scenarios.len() - 1
+        });
         if !benchmarking {
             for (_, url, _) in &scenarios {
                 harness::smoke(url).await;
@@ -174,8 +176,7 @@ pub fn main() {
             }
             let results: Vec<Round> = rounds.into_iter().map(median).collect();
             let direct = &results[0].load;
-            // The anchor a user would pick instead of a proxy rule, when it ran.
-            let nginx_rps = nginx.as_ref().map(|_| results[results.len() - 1].load.rps);
+            let nginx_rps = nginx_row.map(|row| results[row].load.rps);
             println!(
                 "| scenario | requests/s | vs direct | vs nginx | p50 | p99 | p99 added | forwarder CPU/request | \
                  upstream CPU/request |"

@@ -104,7 +104,6 @@ fn start_wasmtime_serve(component: &Path, reuse: bool) -> Option<(std::process::
 }
 
 /// What a scenario's rate is compared with, besides the native handler.
-#[derive(Clone, Copy, PartialEq)]
 enum Anchor {
     None,
     /// Compared with `wasmtime serve` with instance reuse.
@@ -154,20 +153,15 @@ pub fn main() {
             ("marina hello, ttl > 0 (warm)", marina.url("/warm/"), Anchor::Reuse),
             ("marina hello, ttl: 0 (fresh)", marina.url("/fresh/"), Anchor::Fresh),
         ];
-        if let Some((_, addr)) = &reusing {
-            scenarios.push((
-                "`wasmtime serve`, instance reuse, 30 s timeout",
-                format!("http://{addr}/"),
-                Anchor::None,
-            ));
-        }
-        if let Some((_, addr)) = &fresh {
-            scenarios.push((
-                "`wasmtime serve`, an instance per request",
-                format!("http://{addr}/"),
-                Anchor::None,
-            ));
-        }
+        // Where each anchor's row is, when it runs.
+        let mut anchor_row = |child: &Option<(std::process::Child, SocketAddr)>, name| {
+            child.as_ref().map(|(_, addr)| {
+                scenarios.push((name, format!("http://{addr}/"), Anchor::None));
+                scenarios.len() - 1
+            })
+        };
+        let reuse_row = anchor_row(&reusing, "`wasmtime serve`, instance reuse, 30 s timeout");
+        let fresh_row = anchor_row(&fresh, "`wasmtime serve`, an instance per request");
         if !benchmarking {
             for (_, url, _) in &scenarios {
                 harness::smoke(url).await;
@@ -190,15 +184,8 @@ pub fn main() {
                 }
             }
             let results: Vec<Load> = rounds.into_iter().map(harness::median_load).collect();
-            let rate_of = |wanted: &str| {
-                scenarios
-                    .iter()
-                    .zip(&results)
-                    .find(|((name, _, _), _)| name.starts_with(wanted))
-                    .map(|(_, load)| load)
-            };
-            let reuse_anchor = rate_of("`wasmtime serve`, instance reuse");
-            let fresh_anchor = rate_of("`wasmtime serve`, an instance");
+            let reuse_anchor = reuse_row.map(|row| &results[row]);
+            let fresh_anchor = fresh_row.map(|row| &results[row]);
             let native_rps = results[0].rps;
             println!(
                 "| scenario | requests/s | vs native | vs its `wasmtime serve` anchor | p50 | p99 | anchor's p99 |"
