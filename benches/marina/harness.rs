@@ -85,6 +85,22 @@ pub async fn start_marina_with(apps: &Path, adjust: impl FnOnce(&mut ServeOption
     running
 }
 
+/// Deploys `wasm` as version 1.0.0 of `app` under `apps`, with `config`.
+pub fn deploy(apps: &Path, app: &str, wasm: &Path, config: serde_json::Value) {
+    let dir = apps.join(app).join("1.0.0");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut bytes = std::fs::read(wasm).unwrap();
+    // A custom section naming the app makes every deployed component distinct, so one version's compile (or cache
+    // entry) never serves another's first request.
+    let name = b"marina-bench";
+    let section: Vec<u8> = [&[name.len() as u8][..], name, app.as_bytes()].concat();
+    bytes.push(0);
+    bytes.push(u8::try_from(section.len()).expect("a short section"));
+    bytes.extend_from_slice(&section);
+    std::fs::write(dir.join("app.wasm"), bytes).unwrap();
+    std::fs::write(dir.join("worker.config.json"), config.to_string()).unwrap();
+}
+
 /// An apps directory with one app, `api`, whose only rule forwards everything to `upstream`: `^/(.*)$` -> `/$1`.
 pub fn proxied_apps(upstream: SocketAddr) -> tempfile::TempDir {
     let apps = tempfile::tempdir().unwrap();

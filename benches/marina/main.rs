@@ -1,5 +1,5 @@
 //! Marina's benchmarks, in one binary: each benchmark binary links wasmtime, and `cargo test --all-targets` builds
-//! and runs every one, so one binary instead of six saves CI five links.
+//! and runs every one, so one binary instead of seven saves CI six links.
 //!
 //! `cargo bench --bench marina -- <name>` runs one benchmark, `-- <name> <name>` several in turn, and
 //! `cargo bench --bench marina` all of them (which takes the better part of an hour). The names are those of
@@ -19,6 +19,7 @@ use std::time::Instant;
 mod call;
 mod harness;
 mod isolation;
+mod memory;
 mod proxy;
 mod proxy_cost;
 mod resolve;
@@ -33,10 +34,11 @@ mod common;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Every benchmark, by the name that selects it, in the order a run of all of them takes.
-const BENCHMARKS: [(&str, fn()); 6] = [
+const BENCHMARKS: [(&str, fn()); 7] = [
     ("resolve", resolve::main),
     ("call", call::main),
     ("workers", workers::main),
+    ("memory", memory::main),
     ("proxy", proxy::main),
     ("proxy_cost", proxy_cost::main),
     ("isolation", isolation::main),

@@ -31,7 +31,7 @@ use marina::server::Front;
 use serde_json::json;
 
 use crate::common;
-use crate::harness::{self, median, start_marina, start_marina_with, start_native, wrk, Load};
+use crate::harness::{self, deploy, median, start_marina, start_marina_with, start_native, wrk, Load};
 
 /// First-request samples per cache state; the median is reported.
 const FIRST_REQUEST_SAMPLES: usize = 5;
@@ -39,21 +39,6 @@ const FIRST_REQUEST_SAMPLES: usize = 5;
 const METRICS_ROUNDS: usize = 5;
 /// Requests answered in process to time the metrics' share of a request.
 const RECORDINGS: u32 = 200_000;
-
-fn deploy(apps: &Path, app: &str, wasm: &Path, config: serde_json::Value) {
-    let dir = apps.join(app).join("1.0.0");
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut bytes = std::fs::read(wasm).unwrap();
-    // A custom section naming the app makes every deployed component distinct, so one version's compile (or cache
-    // entry) never serves another's first request.
-    let name = b"marina-bench";
-    let section: Vec<u8> = [&[name.len() as u8][..], name, app.as_bytes()].concat();
-    bytes.push(0);
-    bytes.push(u8::try_from(section.len()).expect("a short section"));
-    bytes.extend_from_slice(&section);
-    std::fs::write(dir.join("app.wasm"), bytes).unwrap();
-    std::fs::write(dir.join("worker.config.json"), config.to_string()).unwrap();
-}
 
 /// Times the first request to each of `count` never-loaded apps, on a server that was just started.
 async fn first_requests(apps: &Path, cache_dir: &Path, prefix: &str, count: usize) -> Vec<f64> {

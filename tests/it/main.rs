@@ -2,7 +2,7 @@
 //! benches include too). One binary links the crate and wasmtime once, where a binary per file linked them
 //! sixteen times; it also builds runtime-sdk's example components once per run (`common::guest`).
 //!
-//! All the tests share this process and run in parallel threads (libtest's default: one per core). Nothing here
+//! All the tests share this process and run in parallel threads (four: `.cargo/config.toml` says why). Nothing here
 //! is per-process state a test may own: servers bind `127.0.0.1:0`, each test has its own temporary apps
 //! directory and its own tokio runtime, environment variables are set on child processes only, and what a test
 //! measures of memory is the child `marina` process's, never this one's. What they do share is the machine: see

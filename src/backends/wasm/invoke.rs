@@ -1,13 +1,16 @@
 //! Running one request on a worker: the deadline, the body limit, and what a trap, a timeout or a response that
 //! never comes becomes.
 //!
-//! The front never runs guest code. It hands the call to the guest lanes ([`crate::backends::wasm::lanes`]) and waits for the
-//! response head, at most until the request's deadline: the `timeout` covers everything before the head leaves
-//! (waiting for a worker, instantiating it, the handler, the wait for `response-outparam::set`). The call, on
-//! the lane, takes a worker, runs the handler, passes the head on as soon as the guest sets it, and keeps
-//! driving the guest while the body streams to the client with back-pressure. Once the head is out, the
-//! deadline is lifted: a body that keeps coming (server-sent events) is never cut, and one that sends nothing
-//! for the `timeout` is ended with an error (the connection reset, or the HTTP/2 stream), never left hanging.
+//! The call starts on the request's own task ([`crate::backends::wasm::lanes`] moves it to a guest lane as soon as
+//! it computes, or when the front stops waiting for it) and the front waits for the response head, at most until
+//! the request's deadline: the `timeout` covers everything before the head leaves (waiting for a worker,
+//! instantiating it, the handler, the wait for `response-outparam::set`). The call takes a worker, runs the
+//! handler, passes the head on as soon as the guest sets it, and keeps driving the guest while the body streams
+//! to the client with back-pressure. A handler that returns with its body written (the common case) has given its
+//! worker back before the head leaves, with no wait and no other thread involved; one still running then
+//! continues on a lane. Once the head is out, the deadline is lifted: a body that keeps coming (server-sent
+//! events) is never cut, and one that sends nothing for the `timeout` is ended with an error (the connection
+//! reset, or the HTTP/2 stream), never left hanging.
 //!
 //! A handler that returns without setting its response, whether it dropped the `response-outparam` or kept the
 //! handle (as componentize-js does on a reused instance), gets `500` at once and its worker is discarded, as
@@ -39,6 +42,7 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::WasiHttpView;
 
 use crate::backends::stall::StallTimeout;
+use crate::backends::wasm::lanes::Inline;
 use crate::backends::wasm::pool::{AcquireError, Lease, Outcome, Pool, VersionRuntime, NO_RESPONSE};
 use crate::backends::wasm::worker::CallClock;
 use crate::error::Error;
@@ -169,27 +173,39 @@ pub(crate) async fn invoke(
         link.clone(),
         (head_sender, released_sender),
     );
-    pool.engine().lanes().spawn(runtime.meter.clone(), clock.clone(), call);
+    // Polled here until it computes; dropped with the call unfinished (an error answer, the client gone), it
+    // moves the call to a lane, where `head`, dropped unsent, tells it to stop.
+    let mut call = pool.engine().lanes().start(runtime.meter.clone(), clock.clone(), call);
 
-    // Dropped unsent (a timeout here, or the client gone), `head` tells the call to stop.
-    let over_limit = link.front.notified();
-    let waited = tokio::select! {
-        // The call's own answer first, when both are there: it knows best what happened.
-        biased;
-        head = &mut head => head,
-        () = sleep_until(deadline) => {
-            // Still in the pool's queue: the pool was busy the whole time (503), the app never got the request.
-            if clock.is_queued() {
-                return Err(Error::PoolBusy(pool.queue_timed_out().into()));
-            }
-            // The answer stays the 504 (whatever the call makes of its own deadline, say a start cut short),
-            // unless the guest set its response at the last moment.
-            match tokio::time::timeout(TIMEOUT_SETTLE, &mut head).await {
-                Ok(Ok(Ok(response))) => Ok(Ok(response)),
-                _ => return Err(timed_out(&runtime)),
-            }
+    let waited = {
+        let over_limit = link.front.notified();
+        tokio::pin!(over_limit);
+        let expired = sleep_until(deadline);
+        tokio::pin!(expired);
+        loop {
+            break tokio::select! {
+                // The call's own answer first, when both are there: it knows best what happened.
+                biased;
+                head = &mut head => head,
+                () = &mut call, if call.is_running() => continue,
+                () = &mut expired => {
+                    // Still in the pool's queue: the pool was busy the whole time (503), the app never got the
+                    // request.
+                    if clock.is_queued() {
+                        return Err(Error::PoolBusy(pool.queue_timed_out().into()));
+                    }
+                    // The answer stays the 504 (whatever the call makes of its own deadline, say a start cut
+                    // short), unless the guest set its response at the last moment. The call settles on a lane
+                    // meanwhile.
+                    call.hand_off();
+                    match tokio::time::timeout(TIMEOUT_SETTLE, &mut head).await {
+                        Ok(Ok(Ok(response))) => Ok(Ok(response)),
+                        _ => return Err(timed_out(&runtime)),
+                    }
+                }
+                () = &mut over_limit => return Err(Error::BodyTooLarge { limit }),
+            };
         }
-        () = over_limit => return Err(Error::BodyTooLarge { limit }),
     };
     let response = match waited {
         Ok(Ok(response)) => response,
@@ -208,7 +224,10 @@ pub(crate) async fn invoke(
         ended: false,
         released: Some(released),
     };
-    body.gather().await;
+    body.gather(&mut call).await;
+    // A call still running with its head out and its first frames gathered (a streaming body, or a handler that
+    // has more to do) ends on a lane.
+    call.hand_off();
     if body.link.over_limit.load(Ordering::Acquire) {
         body.link.end_body(BodyEnd::Cut);
         return Err(Error::BodyTooLarge { limit });
@@ -236,7 +255,8 @@ pub(crate) async fn check(pool: &Arc<Pool>, runtime: Arc<VersionRuntime>, deadli
     }
 }
 
-/// The call, on a guest lane: a worker, the handler, the head passed on, the worker given back or discarded.
+/// The call, on the front or a guest lane: a worker, the handler, the head passed on, the worker given back or
+/// discarded.
 async fn run(
     pool: Arc<Pool>,
     runtime: Arc<VersionRuntime>,
@@ -554,8 +574,9 @@ impl http_body::Body for GuestBody {
 }
 
 impl GuestBody {
-    /// Reads the body until the call ends, [`GATHER_BYTES`] are there, or [`GATHER_WAIT`] has passed.
-    async fn gather(&mut self) {
+    /// Reads the body until the call ends, [`GATHER_BYTES`] are there, or [`GATHER_WAIT`] has passed, polling
+    /// the call meanwhile if it still runs here: a guest writing its body waits for these reads.
+    async fn gather(&mut self, call: &mut Inline<'_>) {
         let gathering = async {
             let mut bytes = 0;
             while bytes < GATHER_BYTES && !(self.ended && self.released.is_none()) {
@@ -575,6 +596,7 @@ impl GuestBody {
                             self.link.end_body(BodyEnd::Complete);
                         }
                     },
+                    () = &mut *call, if call.is_running() => {}
                     _ = async { self.released.as_mut().expect("guarded").await }, if self.released.is_some() => {
                         self.released = None;
                         if self.ended {

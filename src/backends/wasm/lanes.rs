@@ -1,35 +1,41 @@
-//! Where guest code runs: on executor threads of its own, never on the threads that serve HTTP, and in two lanes
-//! so that a call that keeps computing cannot hold back the short ones.
+//! Where guest code runs when it computes: on executor threads of its own, off the threads that serve HTTP, in two
+//! lanes so that a call that keeps computing cannot hold back the short ones.
 //!
 //! A guest that computes without calling the host gives way only at an epoch tick. On the threads that accept
 //! connections and parse requests, that made one looping app stall the whole host (the front, `/_/health`, other
-//! apps) for a tick at a time, on every thread. So the front only hands a call to [`Lanes`] and waits for its
-//! response head; the call, from taking a worker to its last byte, runs here:
+//! apps) for a tick at a time, on every thread. Handing every call to another thread, though, costs two thread
+//! crossings per request, more than a short handler itself. So a call starts on the request's own task
+//! ([`Lanes::start`], an [`Inline`] call), and moves to a lane the moment it shows that it computes: at an epoch
+//! yield once it has run [`INLINE_BUDGET`] on the front. If it goes on computing there (its next yield), its
+//! version starts its calls on a lane for the next [`INLINE_BACKOFF`], so a client that keeps calling a looping
+//! app costs the front about a tick per backoff, not one per request; a short call that only looked long (its
+//! thread preempted across a tick) just ends on the lane. The lanes:
 //!
-//! - the **fresh lane**: threads at normal priority, where every call starts;
+//! - the **fresh lane**: threads at normal priority, where a call that left the front continues;
 //! - the **demoted lane**: threads at a lower OS priority ([`DEMOTED_NICE`]). A call that has computed for
 //!   [`DEMOTE_AFTER`] without once waiting on I/O (its epoch yields say so) moves here at its next yield, and
 //!   every call of a version that uses more than [`HEAVY_RATIO`] times an even share of the guest CPU of the
-//!   last few [`SHARE_INTERVAL`]s starts here (a [`VersionMeter`] per version keeps the score). The kernel then
-//!   gives those threads CPU mostly when the fresh ones leave it: a runaway request, or an app whose every
-//!   request crashes and restarts its instance, costs the others about what a healthy one would, and still
-//!   progresses on an idle machine.
+//!   last few [`SHARE_INTERVAL`]s starts here, never on the front (a [`VersionMeter`] per version keeps the
+//!   score). The kernel then gives those threads CPU mostly when the fresh ones leave it: a runaway request, or
+//!   an app whose every request crashes and restarts its instance, costs the others about what a healthy one
+//!   would, and still progresses on an idle machine.
 //!
 //! The lanes are separate tokio runtimes, so the OS scheduler, not a queue of ours, arbitrates between them and
-//! the front. A wasmtime call is a `Send` future, so moving one between lanes is moving a future: it resumes on
-//! the other lane's thread at its next poll.
+//! the front. A wasmtime call is a `Send` future, so moving one between the front and a lane, or between lanes,
+//! is moving a future: it resumes on the other thread at its next poll.
 //!
-//! Each poll of a guest's task is timed with the monotonic clock (tens of nanoseconds); the thread's own CPU
-//! clock, which costs a system call (about 1 us here), is read only every [`SETTLE_EVERY`] of polled time and
-//! when the thread parks. Each version is charged its share of the CPU the thread used, in proportion to its
-//! polled time (never more than that time), so `marina_worker_cpu_seconds_total` is CPU, not time spent waiting
-//! for a core.
+//! Each poll of a guest's task is timed with the monotonic clock (tens of nanoseconds). On a lane, the thread's
+//! own CPU clock, which costs a system call (about 1 us here), is read only every [`SETTLE_EVERY`] of polled time
+//! and when the thread parks, and each version is charged its share of the CPU the thread used, in proportion to
+//! its polled time (never more than that time), so `marina_worker_cpu_seconds_total` is CPU, not time spent
+//! waiting for a core. On the front a call is charged its polled time: it runs there for about a tick at most,
+//! too short to be preempted but rarely, and a system call per request would cost more than the error.
 
 use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -37,6 +43,12 @@ use tokio::runtime::{Handle, Runtime};
 
 use crate::backends::wasm::worker::CallClock;
 
+/// How long a call may run on the front before an epoch yield moves it to a lane. An earlier yield (a tick that
+/// fell just after the call started) is not taken for computing: the call goes on where it is.
+pub(crate) const INLINE_BUDGET: Duration = Duration::from_micros(250);
+/// How long a version starts its calls on a lane after one of them left the front for computing past
+/// [`INLINE_BUDGET`] and went on computing on the lane.
+pub(crate) const INLINE_BACKOFF: Duration = Duration::from_millis(100);
 /// A call that computes this long without waiting on I/O is moved to the demoted lane.
 pub(crate) const DEMOTE_AFTER: Duration = Duration::from_millis(5);
 /// The nice value of the demoted lane's threads: the kernel gives a nice-10 thread about a tenth of the CPU a
@@ -70,6 +82,14 @@ pub(crate) struct VersionMeter {
     sampled_ns: AtomicU64,
     recent_ns: AtomicU64,
     heavy: std::sync::atomic::AtomicBool,
+    /// Until when (nanoseconds after [`BACKOFF_BASE`]) new calls start on a lane: see [`INLINE_BACKOFF`].
+    lane_until_ns: AtomicU64,
+}
+
+static BACKOFF_BASE: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+fn nanos_since_base(at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(*BACKOFF_BASE).as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl VersionMeter {
@@ -81,6 +101,22 @@ impl VersionMeter {
     /// Whether this version's new calls start in the demoted lane.
     pub(crate) fn is_heavy(&self) -> bool {
         self.heavy.load(Ordering::Relaxed)
+    }
+
+    /// Whether a new call may start on the front: the version is not heavy, and was not backed off within the
+    /// last [`INLINE_BACKOFF`].
+    fn may_start_inline(&self, now: Instant) -> bool {
+        !self.is_heavy() && nanos_since_base(now) >= self.lane_until_ns.load(Ordering::Relaxed)
+    }
+
+    fn back_off(&self, now: Instant) {
+        self.lane_until_ns
+            .store(nanos_since_base(now + INLINE_BACKOFF), Ordering::Relaxed);
+    }
+
+    fn charge_polled(&self, elapsed: Duration) {
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        self.cpu_ns.fetch_add(nanos, Ordering::Relaxed);
     }
 }
 
@@ -109,6 +145,29 @@ impl Lanes {
         meter
     }
 
+    /// Starts `call` on the calling task, to be polled there through the returned [`Inline`], which moves it to a
+    /// lane once it computes (or is dropped unfinished). A heavy or backed-off version's call goes to a lane at
+    /// once. `clock` is the call's: its epoch yields tell computing from waiting.
+    pub(crate) fn start(
+        &self,
+        meter: Arc<VersionMeter>,
+        clock: Arc<CallClock>,
+        call: impl Future<Output = ()> + Send + 'static,
+    ) -> Inline<'_> {
+        let mut inline = Inline {
+            lanes: self,
+            call: Some(Box::pin(call)),
+            yields_seen: clock.yields(),
+            meter,
+            clock,
+            burst: Duration::ZERO,
+        };
+        if !inline.meter.may_start_inline(Instant::now()) {
+            inline.hand_off();
+        }
+        inline
+    }
+
     /// Runs `call` in the fresh lane (or, for a version over its share, the demoted one), timed and charged to
     /// `meter`. `clock` is the call's: its epoch yields tell computing from waiting.
     pub(crate) fn spawn(
@@ -117,13 +176,23 @@ impl Lanes {
         clock: Arc<CallClock>,
         call: impl Future<Output = ()> + Send + 'static,
     ) {
-        let demoted = meter.is_heavy();
+        let left = Left {
+            yields_seen: clock.yields(),
+            burst: Duration::ZERO,
+            computing: false,
+        };
+        self.continue_on_lane(Box::pin(call), meter, clock, left);
+    }
+
+    fn continue_on_lane(&self, call: BoxedCall, meter: Arc<VersionMeter>, clock: Arc<CallClock>, left: Left) {
+        let demoted = meter.is_heavy() || left.burst >= DEMOTE_AFTER;
         let task = Metered {
-            call: Box::pin(call),
+            call,
             meter,
             clock,
-            yields_seen: 0,
-            burst: Duration::ZERO,
+            yields_seen: left.yields_seen,
+            burst: left.burst,
+            left_front_computing: left.computing,
             demoted,
             demoted_lane: self.demoted_handle.clone(),
         };
@@ -132,6 +201,101 @@ impl Lanes {
         } else {
             self.fresh_handle.spawn(task);
         }
+    }
+}
+
+type BoxedCall = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Where a call stood when it came to a lane.
+struct Left {
+    yields_seen: u64,
+    burst: Duration,
+    /// Whether it left the front because it computed past [`INLINE_BUDGET`].
+    computing: bool,
+}
+
+/// A call polled by the task that started it (the request's, on the front) until it ends, computes past
+/// [`INLINE_BUDGET`], its version turns heavy, or it is handed off ([`Inline::hand_off`], or dropped unfinished):
+/// then it continues on a lane. Ready once the call is no longer polled here.
+pub(crate) struct Inline<'a> {
+    lanes: &'a Lanes,
+    call: Option<BoxedCall>,
+    meter: Arc<VersionMeter>,
+    clock: Arc<CallClock>,
+    yields_seen: u64,
+    /// Polled time since the call last waited on something other than the CPU.
+    burst: Duration,
+}
+
+impl Inline<'_> {
+    /// Whether the call is still polled here.
+    pub(crate) fn is_running(&self) -> bool {
+        self.call.is_some()
+    }
+
+    /// Moves the call, if it has not ended, to a lane, where it runs to its end without this task.
+    pub(crate) fn hand_off(&mut self) {
+        self.leave(false);
+    }
+
+    fn leave(&mut self, computing: bool) {
+        if let Some(call) = self.call.take() {
+            let (meter, clock) = (self.meter.clone(), self.clock.clone());
+            let left = Left {
+                yields_seen: self.yields_seen,
+                burst: self.burst,
+                computing,
+            };
+            self.lanes.continue_on_lane(call, meter, clock, left);
+        }
+    }
+}
+
+impl Future for Inline<'_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        let Some(call) = this.call.as_mut() else {
+            return Poll::Ready(());
+        };
+        let started = Instant::now();
+        let polled = {
+            // What the call registers while polled here (its timers, the tasks and sockets of an outbound
+            // request, a compile's blocking task) belongs to the fresh lane's runtime, where the call may end, so
+            // that nothing of it outlives the runtime it was registered with.
+            let _lane = this.lanes.fresh_handle.enter();
+            call.as_mut().poll(cx)
+        };
+        let now = Instant::now();
+        let elapsed = now - started;
+        this.meter.charge_polled(elapsed);
+        if polled.is_ready() {
+            this.call = None;
+            return Poll::Ready(());
+        }
+        let yields = this.clock.yields();
+        if yields == this.yields_seen {
+            this.burst = Duration::ZERO;
+            return Poll::Pending;
+        }
+        this.yields_seen = yields;
+        this.burst += elapsed;
+        let computing = this.burst >= INLINE_BUDGET;
+        if !computing && !this.meter.is_heavy() {
+            // A tick that fell just after the call started; the yield has already woken this task.
+            return Poll::Pending;
+        }
+        this.leave(computing);
+        Poll::Ready(())
+    }
+}
+
+impl Drop for Inline<'_> {
+    fn drop(&mut self) {
+        // The front gave up (an error answer, the client gone): the call still ends on its own, on a lane, and
+        // gives its worker back.
+        self.hand_off();
     }
 }
 
@@ -215,13 +379,17 @@ fn lower_priority(nice: i32) {
 
 /// A guest task, timed at every poll, that moves itself to the demoted lane when it computes too long.
 struct Metered {
-    call: Pin<Box<dyn Future<Output = ()> + Send>>,
+    call: BoxedCall,
     meter: Arc<VersionMeter>,
     clock: Arc<CallClock>,
     /// The clock's yield count after the last poll.
     yields_seen: u64,
     /// Polled time since the call last waited on something other than the CPU.
     burst: Duration,
+    /// Set when the call left the front for computing, until its next epoch yield here confirms it (and backs
+    /// its version off the front) or it waits on something else. A short call that only looked long (its
+    /// thread preempted across a tick) ends here without either, and its version stays on the front.
+    left_front_computing: bool,
     demoted: bool,
     demoted_lane: Handle,
 }
@@ -242,9 +410,13 @@ impl Future for Metered {
         if yields == this.yields_seen {
             // Pending without an epoch yield: it waits for I/O, a timer or a worker, not for CPU.
             this.burst = Duration::ZERO;
+            this.left_front_computing = false;
         } else {
             this.yields_seen = yields;
             this.burst += elapsed;
+            if std::mem::take(&mut this.left_front_computing) {
+                this.meter.back_off(Instant::now());
+            }
         }
         if !this.demoted && (this.burst >= DEMOTE_AFTER || this.meter.is_heavy()) {
             // Continue on the demoted lane: this task ends, a new one there polls the same call.
@@ -254,6 +426,7 @@ impl Future for Metered {
                 clock: this.clock.clone(),
                 yields_seen: this.yields_seen,
                 burst: this.burst,
+                left_front_computing: this.left_front_computing,
                 demoted: true,
                 demoted_lane: this.demoted_lane.clone(),
             };

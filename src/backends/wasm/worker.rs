@@ -197,11 +197,14 @@ impl Worker {
         self.status.id
     }
 
-    /// Starts a request: its clock (deadline and yields) and a fresh log budget.
+    /// Starts a request: its clock (deadline and yields), a fresh log budget, and the epoch deadline re-armed one
+    /// tick ahead. A warm worker's deadline is otherwise the tick after its last call's, long past, and the new
+    /// call would yield at its first epoch check, a round trip through the scheduler that looks like computing.
     pub(crate) fn begin(&mut self, clock: Arc<CallClock>) {
         let state = self.store.data_mut();
         state.clock = clock;
         state.log_budget.reset();
+        self.store.set_epoch_deadline(1);
     }
 }
 

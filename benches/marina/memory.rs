@@ -1,0 +1,236 @@
+//! What Marina holds in memory, read off the server's own process: an idle server on the shipped `apps/`, what an
+//! idle warm worker adds, and [`APPS`] deployed apps each hit once while another app is under load.
+//!
+//! `cargo bench --bench marina -- memory` (needs `wrk`). `marina serve` runs as a child process, so its resident
+//! set (`VmRSS` in `/proc/<pid>/status`) is the server's alone, not the bench's. Three parts:
+//!
+//! - the shipped `apps/`: the RSS once ready (versions compile on first use, so nothing is compiled yet), and after
+//!   one request to each of its WebAssembly versions, compiled with no cache;
+//! - one warm app: the RSS with one worker, then with as many as `wrk`'s [`harness::CONNECTIONS`] connections
+//!   keep busy; the difference over the added workers is what an idle warm worker costs (its linear memory, its
+//!   store and instance, and its share of the connections' buffers);
+//! - [`APPS`] copies of `hello`, each made its own component by a custom section (as distinct apps are), in a pool
+//!   with room for every one: compiled into a cache by a first server (`--precompile`), then served by a second
+//!   that loads each from that cache on its first request, as after a restart. One more app is under `wrk` load
+//!   throughout; each of the others is hit once meanwhile ([`HITTERS`] at a time). Reported: the RSS before and
+//!   after, the growth per app (its loaded component and its idle warm worker), and the loaded app's p99 during
+//!   the hits against its p99 alone just before, in the same run.
+//!
+//! `APPS` (the variable) changes the count. Run without `--bench` (as `cargo test --all-targets` does), it deploys
+//! [`SMOKE_APPS`] and checks that each one answers, without wrk.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+use crate::common::{self, MarinaProcess};
+use crate::harness::{self, deploy, wrk};
+
+/// Apps deployed and hit once each in a timed run.
+const APPS: u64 = 1_000;
+/// Apps deployed in a run without `--bench`.
+const SMOKE_APPS: u64 = 8;
+/// Requests to the many apps in flight at once: a few clients arriving together, not a flood.
+const HITTERS: usize = 4;
+/// How long the loaded app runs alone before the hits start within its measured run.
+const HEAD_START: Duration = Duration::from_millis(500);
+/// A warm app's config: workers kept for the whole run.
+fn kept() -> Value {
+    json!({"ttl": 3600, "idleTimeout": 3600, "maxRequests": 0})
+}
+
+pub fn main() {
+    let (benchmarking, secs) = harness::settings();
+    tokio::runtime::Runtime::new().unwrap().block_on(async move {
+        shipped_apps(benchmarking).await;
+        let hello = common::guest("hello");
+        many_apps(&hello, benchmarking, secs).await;
+    });
+}
+
+/// The resident set of process `pid`, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the server is running");
+    let kb: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kb| kb.parse().ok())
+        .expect("VmRSS in /proc/<pid>/status");
+    kb * 1024
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// `GET url`, its body read; the status.
+async fn hit(client: &reqwest::Client, url: &str) -> u16 {
+    let response = client.get(url).send().await.expect("the server answers");
+    let status = response.status().as_u16();
+    let _ = response.bytes().await;
+    status
+}
+
+async fn stats(client: &reqwest::Client, server: &MarinaProcess) -> Value {
+    let response = client.get(server.url("/_/stats")).send().await.unwrap();
+    response.json().await.unwrap()
+}
+
+/// The shipped apps directory: idle once ready, then with each WebAssembly version loaded and one worker each.
+async fn shipped_apps(benchmarking: bool) {
+    let apps = Path::new(env!("CARGO_MANIFEST_DIR")).join("apps");
+    let server = MarinaProcess::serve(&apps, &[]);
+    let pid = server.child.id();
+    let client = reqwest::Client::new();
+    // Let the start settle (the registry's watcher, the reaper's first tick).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle = rss(pid);
+    let mut versions = Vec::new();
+    for app in std::fs::read_dir(&apps).unwrap().flatten() {
+        for version in std::fs::read_dir(app.path()).unwrap().flatten() {
+            if version.path().join("app.wasm").is_file() {
+                let (app, version) = (app.file_name(), version.file_name());
+                versions.push(format!("/{}@{}/", app.to_string_lossy(), version.to_string_lossy()));
+            }
+        }
+    }
+    assert!(!versions.is_empty(), "apps/ ships WebAssembly apps");
+    for path in &versions {
+        let status = hit(&client, &server.url(path)).await;
+        assert!(status < 500, "{path} answered {status}");
+    }
+    let loaded = rss(pid);
+    let workers = stats(&client, &server).await["pool"]["activeWorkers"].as_u64().unwrap();
+    if benchmarking {
+        println!("| shipped `apps/` | RSS |");
+        println!("|---|---:|");
+        println!("| idle once ready (nothing compiled) | {:.1} MiB |", mib(idle));
+        println!(
+            "| after one request to each of its {} WebAssembly versions ({workers} workers) | {:.1} MiB |",
+            versions.len(),
+            mib(loaded)
+        );
+        println!();
+    }
+}
+
+/// One warm app under load, what its idle workers cost, and `APPS` apps hit once each meanwhile.
+async fn many_apps(hello: &Path, benchmarking: bool, secs: u64) {
+    let count = if benchmarking {
+        harness::env_number("APPS", APPS)
+    } else {
+        SMOKE_APPS
+    };
+    let apps = tempfile::tempdir().unwrap();
+    deploy(apps.path(), "loaded", hello, kept());
+    for i in 0..count {
+        deploy(apps.path(), &format!("app{i}"), hello, kept());
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().to_str().unwrap();
+    let pool = (count + u64::from(harness::CONNECTIONS) + 1).to_string();
+    let flags = ["--cache-dir", cache_dir, "--pool-size", &pool];
+    // Every component compiled into the cache, so the measured server's first requests load, not compile.
+    let started = Instant::now();
+    let mut compiling = MarinaProcess::serve(apps.path(), &[&flags[..], &["--precompile"]].concat());
+    let compiled = started.elapsed();
+    compiling.terminate();
+    compiling.wait_exit(Duration::from_secs(30));
+    drop(compiling);
+
+    let server = MarinaProcess::serve(apps.path(), &flags);
+    let pid = server.child.id();
+    let client = reqwest::Client::new();
+    let loaded_url = server.url("/loaded/");
+    assert_eq!(hit(&client, &loaded_url).await, 200);
+    let one_worker = rss(pid);
+
+    let (loads, before_hits, hits_took, warm_workers, warm_grown) = if benchmarking {
+        let url = loaded_url.clone();
+        let _ = tokio::task::spawn_blocking(move || wrk(&url, 1)).await.unwrap();
+        let warm_workers = live_workers(&stats(&client, &server).await, "loaded@1.0.0");
+        let warm_grown = rss(pid).saturating_sub(one_worker);
+        let url = loaded_url.clone();
+        let alone = tokio::task::spawn_blocking(move || wrk(&url, secs)).await.unwrap();
+        let before_hits = rss(pid);
+        let url = loaded_url.clone();
+        let load = tokio::task::spawn_blocking(move || wrk(&url, secs));
+        tokio::time::sleep(HEAD_START).await;
+        let hits_took = hit_each(&client, &server, count).await;
+        let during = load.await.unwrap();
+        (Some((alone, during)), before_hits, hits_took, warm_workers, warm_grown)
+    } else {
+        let hits_took = hit_each(&client, &server, count).await;
+        (None, one_worker, hits_took, 0, 0)
+    };
+    let after = rss(pid);
+    let stats = stats(&client, &server).await;
+    let live = stats["pool"]["activeWorkers"].as_u64().unwrap();
+    assert!(live > count, "every app kept its worker: {live} live for {count} apps");
+    let Some((alone, during)) = loads else {
+        return;
+    };
+    println!("| {count} apps of `hello`, each its own component | figure |");
+    println!("|---|---:|");
+    println!(
+        "| compiling them all into an empty cache (`--precompile`, until ready) | {:.1} s |",
+        compiled.as_secs_f64()
+    );
+    println!("| RSS, one app loaded with one worker | {:.1} MiB |", mib(one_worker));
+    println!(
+        "| RSS added per idle warm worker ({} workers of one app after a 1 s `wrk -c{}`) | {:.2} MiB |",
+        warm_workers,
+        harness::CONNECTIONS,
+        mib(warm_grown) / warm_workers.saturating_sub(1).max(1) as f64
+    );
+    println!("| RSS before the hits | {:.1} MiB |", mib(before_hits));
+    println!(
+        "| RSS after each app was hit once ({live} live workers) | {:.1} MiB |",
+        mib(after)
+    );
+    println!(
+        "| RSS added per app hit once (its component loaded from the cache, one idle warm worker) | {:.2} MiB |",
+        mib(after.saturating_sub(before_hits)) / count as f64
+    );
+    println!(
+        "| the {count} first requests, {HITTERS} at a time, under the load | {:.2} s |",
+        hits_took.as_secs_f64()
+    );
+    println!(
+        "| loaded app alone: requests/s, p99 | {:.0}, {:.2} ms |",
+        alone.rps, alone.p99_ms
+    );
+    println!(
+        "| loaded app while the apps are hit: requests/s, p99 | {:.0}, {:.2} ms |",
+        during.rps, during.p99_ms
+    );
+    if hits_took + HEAD_START > Duration::from_secs(secs) {
+        println!("(the hits outlasted the loaded app's {secs} s run: raise BENCH_SECS to cover them)");
+    }
+}
+
+/// Hits `/app0/` .. `/app{count-1}/` once each, [`HITTERS`] at a time; how long that took.
+async fn hit_each(client: &reqwest::Client, server: &MarinaProcess, count: u64) -> Duration {
+    let started = Instant::now();
+    futures_util::stream::iter(0..count)
+        .map(|i| {
+            let url = server.url(&format!("/app{i}/"));
+            async move {
+                let status = hit(client, &url).await;
+                assert_eq!(status, 200, "{url}");
+            }
+        })
+        .buffer_unordered(HITTERS)
+        .for_each(|()| async {})
+        .await;
+    started.elapsed()
+}
+
+/// Live workers (busy or idle) of the version `key` (`app@version`) in `/_/stats`.
+fn live_workers(stats: &Value, key: &str) -> u64 {
+    let workers = &stats["apps"][key]["workers"];
+    workers["busy"].as_u64().unwrap_or(0) + workers["idle"].as_u64().unwrap_or(0)
+}
