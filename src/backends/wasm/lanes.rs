@@ -267,8 +267,7 @@ impl Future for Inline<'_> {
             let _lane = this.lanes.fresh_handle.enter();
             call.as_mut().poll(cx)
         };
-        let now = Instant::now();
-        let elapsed = now - started;
+        let elapsed = started.elapsed();
         this.meter.charge_polled(elapsed);
         if polled.is_ready() {
             this.call = None;
