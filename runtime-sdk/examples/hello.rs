@@ -1,8 +1,8 @@
 //! `hello`: the smallest useful app. `/` greets, `/greet/:name` answers JSON, `/links` shows the mount base.
 
-use marina_sdk::{Request, Response, Router};
+use marina_sdk::{Response, Router};
 
-fn handle(request: Request) -> Response {
+fn routes() -> Router {
     Router::new()
         .get("/", |_| {
             let greeting = marina_sdk::env("GREETING").unwrap_or_else(|| "Hello".to_owned());
@@ -18,7 +18,6 @@ fn handle(request: Request) -> Response {
         .get("/links", |request| {
             Response::json(200, &serde_json::json!({ "self": format!("{}/links", request.base()) }))
         })
-        .handle(request)
 }
 
-marina_sdk::app!(handle);
+marina_sdk::app!(router = routes);

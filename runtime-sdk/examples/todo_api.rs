@@ -136,7 +136,7 @@ fn remove(request: Request) -> Response {
     })
 }
 
-fn handle(request: Request) -> Response {
+fn routes() -> Router {
     Router::new()
         .get("/todos", list)
         .post("/todos", create)
@@ -144,7 +144,6 @@ fn handle(request: Request) -> Response {
         .put("/todos/:id", update)
         .patch("/todos/:id", update)
         .delete("/todos/:id", remove)
-        .handle(request)
 }
 
-marina_sdk::app!(handle);
+marina_sdk::app!(router = routes);

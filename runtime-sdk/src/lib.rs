@@ -7,20 +7,20 @@
 //! ```ignore
 //! use marina_sdk::{Request, Response, Router};
 //!
-//! fn handle(request: Request) -> Response {
+//! fn routes() -> Router {
 //!     Router::new()
 //!         .get("/", |_| Response::text(200, "hello"))
 //!         .get("/greet/:name", |r| Response::json(200, &serde_json::json!({ "hi": r.param("name") })))
-//!         .handle(request)
 //! }
 //!
-//! marina_sdk::app!(handle);
+//! marina_sdk::app!(router = routes);
 //! ```
 //!
 //! Build it with `cargo build --release --target wasm32-wasip2` (crate type `cdylib`) and drop the `.wasm` into
 //! `APPS_DIR/<app>/<version>/app.wasm`.
 //!
-//! A handler runs once per request. Whether statics survive between requests is the host's choice (`ttl` in
+//! `app!(handler)` takes a plain `fn(Request) -> Response` instead, for an app that needs no router. A handler
+//! runs once per request. Whether statics survive between requests is the host's choice (`ttl` in
 //! `worker.config.json`): with `ttl: 0` every request gets a fresh instance, with `ttl > 0` a warm one may be reused.
 
 mod body;
@@ -51,16 +51,13 @@ pub struct Request {
     method: String,
     path: String,
     query: Option<String>,
-    headers: Vec<(String, Vec<u8>)>,
+    /// Read from the host when the app first asks: a handler that never looks at them (most do not) costs no
+    /// calls to the host for them, nor a copy of each.
+    headers: std::cell::OnceCell<Vec<(String, Vec<u8>)>>,
     params: BTreeMap<String, String>,
-    body: RequestBody,
-}
-
-/// The request body: opened only when the app asks for it, so a handler that never reads it (most `GET`s) costs
-/// no calls to the host for it.
-enum RequestBody {
-    Unread(IncomingRequest),
-    Taken,
+    incoming: IncomingRequest,
+    /// The body is opened only when the app asks for it, likewise, and at most once.
+    body_taken: bool,
 }
 
 impl Request {
@@ -82,14 +79,14 @@ impl Request {
             Some((path, query)) => (path.to_owned(), Some(query.to_owned())),
             None => (path_with_query, None),
         };
-        let headers = request.headers().entries();
         Request {
             method,
             path,
             query,
-            headers,
+            headers: std::cell::OnceCell::new(),
             params: BTreeMap::new(),
-            body: RequestBody::Unread(request),
+            incoming: request,
+            body_taken: false,
         }
     }
 
@@ -118,7 +115,7 @@ impl Request {
 
     /// The first value of a header (names are case-insensitive), if it is valid UTF-8.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
+        self.headers()
             .iter()
             .find(|(key, _)| key.eq_ignore_ascii_case(name))
             .and_then(|(_, value)| std::str::from_utf8(value).ok())
@@ -126,7 +123,7 @@ impl Request {
 
     /// All headers, in the order they arrived.
     pub fn headers(&self) -> &[(String, Vec<u8>)] {
-        &self.headers
+        self.headers.get_or_init(|| self.incoming.headers().entries())
     }
 
     /// The prefix the app was reached under (`/hello@1`), for links that come back to the same version.
@@ -146,10 +143,10 @@ impl Request {
     /// The body as a stream (`std::io::Read`), to pass through without holding it in memory. `None` after the
     /// first call.
     pub fn take_body(&mut self) -> Option<BodyReader> {
-        match std::mem::replace(&mut self.body, RequestBody::Taken) {
-            RequestBody::Unread(request) => request.consume().ok().and_then(BodyReader::new),
-            RequestBody::Taken => None,
+        if std::mem::replace(&mut self.body_taken, true) {
+            return None;
         }
+        self.incoming.consume().ok().and_then(BodyReader::new)
     }
 
     /// The whole body, up to [`DEFAULT_BODY_LIMIT`] bytes; a larger body is an error response (413).
@@ -302,9 +299,23 @@ pub fn __serve(request: IncomingRequest, out: ResponseOutparam, handler: fn(Requ
     handler(Request::from_wasi(request)).send(out);
 }
 
-/// Exports `handler: fn(Request) -> Response` as the component's `wasi:http/incoming-handler`.
+/// Exports the app as the component's `wasi:http/incoming-handler`: either `app!(handler)`, with
+/// `handler: fn(Request) -> Response` run for every request, or `app!(router = routes)`, with `routes: fn() ->
+/// Router` run once per instance and its router kept for the requests a warm instance serves after the first (with
+/// `ttl: 0` each request is a first one). Building a router allocates for every route; building it once saves
+/// that on every request but the first.
 #[macro_export]
 macro_rules! app {
+    (router = $routes:path) => {
+        fn __marina_route(request: $crate::Request) -> $crate::Response {
+            ::std::thread_local! {
+                static ROUTER: $crate::Router = $routes();
+            }
+            ROUTER.with(|router| router.handle(request))
+        }
+
+        $crate::app!(__marina_route);
+    };
     ($handler:path) => {
         struct __MarinaApp;
 
