@@ -5,9 +5,9 @@
 //! requests go through `Front::handle` as a connection's requests do once hyper has read them, and their bodies
 //! are read to the end. That includes everything the server does for a request but the network: the front
 //! (the target's length check, the access line, the request metrics), dispatch (splitting the path, resolving the
-//! version), the hand-off to the guest lanes and back, taking a worker from the pool and giving it back, and the
-//! wasi:http call itself. Not included: sockets, hyper's parsing and writing, and the access line's output (no log
-//! subscriber is installed, so the line is skipped).
+//! version), taking a worker from the pool and giving it back, and the wasi:http call itself, run on the request's
+//! own task as a short call is. Not included: sockets, hyper's parsing and writing, and the access line's output
+//! (no log subscriber is installed, so the line is skipped).
 //!
 //! Three loops per component, each reporting wall time per request and the process's CPU time (every thread:
 //! this one, the guest lanes, wasmtime's epoch ticker) per request:
