@@ -494,3 +494,87 @@ fn thread_cpu() -> Duration {
         .map(|time| time.as_duration())
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lanes() -> Lanes {
+        Lanes::new(1).expect("the lanes start")
+    }
+
+    #[tokio::test]
+    async fn a_call_that_never_waits_runs_to_its_end_on_the_task_that_started_it() {
+        let lanes = lanes();
+        let here = std::thread::current().id();
+        let (sender, ran_on) = std::sync::mpsc::channel();
+        let call = async move {
+            let _ = sender.send(std::thread::current().id());
+        };
+        let mut inline = lanes.start(lanes.meter(), Arc::new(CallClock::new(None)), call);
+        assert!(inline.is_running());
+        (&mut inline).await;
+        assert!(!inline.is_running());
+        assert_eq!(ran_on.try_recv().expect("the call ran when polled"), here);
+    }
+
+    #[tokio::test]
+    async fn a_call_dropped_unfinished_ends_on_a_guest_lane() {
+        let lanes = lanes();
+        let (go, gone) = tokio::sync::oneshot::channel::<()>();
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let call = async move {
+            let _ = gone.await;
+            let _ = done.send(std::thread::current().name().map(str::to_owned));
+        };
+        let mut inline = lanes.start(lanes.meter(), Arc::new(CallClock::new(None)), call);
+        // Polled once: it waits on `gone`, so it stays here.
+        assert!(futures_util::poll!(&mut inline).is_pending());
+        assert!(inline.is_running());
+        drop(inline);
+        go.send(()).unwrap();
+        let thread = tokio::time::timeout(Duration::from_secs(5), finished)
+            .await
+            .expect("the call ends without its starter")
+            .unwrap();
+        assert_eq!(thread.as_deref(), Some("marina-guest"));
+    }
+
+    #[tokio::test]
+    async fn a_backed_off_version_starts_its_calls_on_a_lane_until_the_backoff_passes() {
+        let lanes = lanes();
+        let meter = lanes.meter();
+        let now = Instant::now();
+        assert!(meter.may_start_inline(now));
+        meter.back_off(now);
+        assert!(!meter.may_start_inline(now));
+        assert!(!meter.may_start_inline(now + INLINE_BACKOFF / 2));
+        assert!(meter.may_start_inline(now + INLINE_BACKOFF));
+
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let call = async move {
+            let _ = done.send(std::thread::current().name().map(str::to_owned));
+        };
+        let inline = lanes.start(meter, Arc::new(CallClock::new(None)), call);
+        assert!(!inline.is_running(), "handed to a lane at once");
+        let thread = tokio::time::timeout(Duration::from_secs(5), finished)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(thread.as_deref(), Some("marina-guest"));
+    }
+
+    #[tokio::test]
+    async fn a_call_polled_on_the_front_sees_the_fresh_lane_as_its_runtime() {
+        let lanes = lanes();
+        let fresh = lanes.fresh_handle.id();
+        let (sender, seen) = std::sync::mpsc::channel();
+        let call = async move {
+            let _ = sender.send(Handle::current().id());
+        };
+        let mut inline = lanes.start(lanes.meter(), Arc::new(CallClock::new(None)), call);
+        (&mut inline).await;
+        assert_eq!(seen.try_recv().unwrap(), fresh);
+        assert_ne!(Handle::current().id(), fresh);
+    }
+}
