@@ -53,18 +53,6 @@ pub fn main() {
     });
 }
 
-/// The resident set of process `pid`, in bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the server is running");
-    let kb: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|kb| kb.parse().ok())
-        .expect("VmRSS in /proc/<pid>/status");
-    kb * 1024
-}
-
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
@@ -86,11 +74,10 @@ async fn stats(client: &reqwest::Client, server: &MarinaProcess) -> Value {
 async fn shipped_apps(benchmarking: bool) {
     let apps = Path::new(env!("CARGO_MANIFEST_DIR")).join("apps");
     let server = MarinaProcess::serve(&apps, &[]);
-    let pid = server.child.id();
     let client = reqwest::Client::new();
     // Let the start settle (the registry's watcher, the reaper's first tick).
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let idle = rss(pid);
+    let idle = server.rss();
     let mut versions = Vec::new();
     for app in std::fs::read_dir(&apps).unwrap().flatten() {
         for version in std::fs::read_dir(app.path()).unwrap().flatten() {
@@ -105,7 +92,7 @@ async fn shipped_apps(benchmarking: bool) {
         let status = hit(&client, &server.url(path)).await;
         assert!(status < 500, "{path} answered {status}");
     }
-    let loaded = rss(pid);
+    let loaded = server.rss();
     let workers = stats(&client, &server).await["pool"]["activeWorkers"].as_u64().unwrap();
     if benchmarking {
         println!("| shipped `apps/` | RSS |");
@@ -160,7 +147,6 @@ async fn many_apps(benchmarking: bool, secs: u64) {
     let _ = std::process::Command::new("sync").status();
 
     let server = MarinaProcess::serve(apps.path(), &flags);
-    let pid = server.child.id();
     let client = reqwest::Client::new();
     let loaded_url = server.url("/loaded/");
     assert_eq!(hit(&client, &loaded_url).await, 200);
@@ -168,12 +154,12 @@ async fn many_apps(benchmarking: bool, secs: u64) {
     // keeps `held` requests, and so as many workers, alive at once.
     let slow = |ms: u64| server.url(&format!("/held/slow?ms={ms}"));
     assert_eq!(hit(&client, &slow(1)).await, 200);
-    let one_held = rss(pid);
+    let one_held = server.rss();
     let holding = slow(HOLD_MS);
     futures_util::future::join_all((0..held).map(|_| hit(&client, &holding))).await;
     let held_workers = live_workers(&stats(&client, &server).await, "held@1.0.0");
     assert_eq!(held_workers, held, "each request held its own worker");
-    let per_worker = rss(pid).saturating_sub(one_held) / (held - 1).max(1);
+    let per_worker = server.rss().saturating_sub(one_held) / (held - 1).max(1);
 
     let (loads, before_hits, hits_took) = if benchmarking {
         let url = loaded_url.clone();
@@ -184,7 +170,7 @@ async fn many_apps(benchmarking: bool, secs: u64) {
         let first = tokio::task::spawn_blocking(move || wrk(&url, secs)).await.unwrap();
         let url = loaded_url.clone();
         let alone = tokio::task::spawn_blocking(move || wrk(&url, secs)).await.unwrap();
-        let before_hits = rss(pid);
+        let before_hits = server.rss();
         let url = loaded_url.clone();
         let load = tokio::task::spawn_blocking(move || wrk(&url, secs));
         tokio::time::sleep(HEAD_START).await;
@@ -192,10 +178,10 @@ async fn many_apps(benchmarking: bool, secs: u64) {
         let during = load.await.unwrap();
         (Some((first, alone, during)), before_hits, hits_took)
     } else {
-        let before_hits = rss(pid);
+        let before_hits = server.rss();
         (None, before_hits, hit_each(&client, &server, count).await)
     };
-    let after = rss(pid);
+    let after = server.rss();
     let stats = stats(&client, &server).await;
     let live = stats["pool"]["activeWorkers"].as_u64().unwrap();
     assert!(live > count, "every app kept its worker: {live} live for {count} apps");

@@ -331,11 +331,21 @@ impl MarinaProcess {
 
     /// The peak resident set size of the process so far, in bytes (Linux `VmHWM`).
     pub fn peak_rss(&self) -> u64 {
+        self.status_bytes("VmHWM:")
+    }
+
+    /// The resident set size of the process now, in bytes (Linux `VmRSS`).
+    pub fn rss(&self) -> u64 {
+        self.status_bytes("VmRSS:")
+    }
+
+    /// A `/proc/<pid>/status` field given in kB, in bytes.
+    fn status_bytes(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
         let line = status
             .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .expect("VmHWM in /proc/<pid>/status");
+            .find(|l| l.starts_with(field))
+            .unwrap_or_else(|| panic!("{field} in /proc/<pid>/status"));
         let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
         kb * 1024
     }

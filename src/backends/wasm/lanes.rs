@@ -157,10 +157,9 @@ impl Lanes {
         let mut inline = Inline {
             lanes: self,
             call: Some(Box::pin(call)),
-            yields_seen: clock.yields(),
+            burst: Burst::new(&clock),
             meter,
             clock,
-            burst: Duration::ZERO,
         };
         if !inline.meter.may_start_inline(Instant::now()) {
             inline.hand_off();
@@ -177,20 +176,18 @@ impl Lanes {
         call: impl Future<Output = ()> + Send + 'static,
     ) {
         let left = Left {
-            yields_seen: clock.yields(),
-            burst: Duration::ZERO,
+            burst: Burst::new(&clock),
             computing: false,
         };
         self.continue_on_lane(Box::pin(call), meter, clock, left);
     }
 
     fn continue_on_lane(&self, call: BoxedCall, meter: Arc<VersionMeter>, clock: Arc<CallClock>, left: Left) {
-        let demoted = meter.is_heavy() || left.burst >= DEMOTE_AFTER;
+        let demoted = meter.is_heavy() || left.burst.computed >= DEMOTE_AFTER;
         let task = Metered {
             call,
             meter,
             clock,
-            yields_seen: left.yields_seen,
             burst: left.burst,
             left_front_computing: left.computing,
             demoted,
@@ -206,10 +203,40 @@ impl Lanes {
 
 type BoxedCall = Pin<Box<dyn Future<Output = ()> + Send>>;
 
+/// How long a call has computed since it last waited on something other than the CPU, told by its epoch yields:
+/// a poll that leaves it pending after a yield was computing; one without was waiting (I/O, a timer, a worker).
+#[derive(Clone, Copy)]
+struct Burst {
+    /// The clock's yield count after the last poll.
+    yields_seen: u64,
+    computed: Duration,
+}
+
+impl Burst {
+    fn new(clock: &CallClock) -> Burst {
+        Burst {
+            yields_seen: clock.yields(),
+            computed: Duration::ZERO,
+        }
+    }
+
+    /// After a poll of `elapsed` that left the call pending: whether it yielded (it computes), the burst grown by
+    /// the poll if so, started over if not.
+    fn after_pending(&mut self, clock: &CallClock, elapsed: Duration) -> bool {
+        let yields = clock.yields();
+        if yields == self.yields_seen {
+            self.computed = Duration::ZERO;
+            return false;
+        }
+        self.yields_seen = yields;
+        self.computed += elapsed;
+        true
+    }
+}
+
 /// Where a call stood when it came to a lane.
 struct Left {
-    yields_seen: u64,
-    burst: Duration,
+    burst: Burst,
     /// Whether it left the front because it computed past [`INLINE_BUDGET`].
     computing: bool,
 }
@@ -222,9 +249,7 @@ pub(crate) struct Inline<'a> {
     call: Option<BoxedCall>,
     meter: Arc<VersionMeter>,
     clock: Arc<CallClock>,
-    yields_seen: u64,
-    /// Polled time since the call last waited on something other than the CPU.
-    burst: Duration,
+    burst: Burst,
 }
 
 impl Inline<'_> {
@@ -242,7 +267,6 @@ impl Inline<'_> {
         if let Some(call) = self.call.take() {
             let (meter, clock) = (self.meter.clone(), self.clock.clone());
             let left = Left {
-                yields_seen: self.yields_seen,
                 burst: self.burst,
                 computing,
             };
@@ -273,14 +297,10 @@ impl Future for Inline<'_> {
             this.call = None;
             return Poll::Ready(());
         }
-        let yields = this.clock.yields();
-        if yields == this.yields_seen {
-            this.burst = Duration::ZERO;
+        if !this.burst.after_pending(&this.clock, elapsed) {
             return Poll::Pending;
         }
-        this.yields_seen = yields;
-        this.burst += elapsed;
-        let computing = this.burst >= INLINE_BUDGET;
+        let computing = this.burst.computed >= INLINE_BUDGET;
         if !computing && !this.meter.is_heavy() {
             // A tick that fell just after the call started; the yield has already woken this task.
             return Poll::Pending;
@@ -381,10 +401,7 @@ struct Metered {
     call: BoxedCall,
     meter: Arc<VersionMeter>,
     clock: Arc<CallClock>,
-    /// The clock's yield count after the last poll.
-    yields_seen: u64,
-    /// Polled time since the call last waited on something other than the CPU.
-    burst: Duration,
+    burst: Burst,
     /// Set when the call left the front for computing, until its next epoch yield here confirms it (and backs
     /// its version off the front) or it waits on something else. A short call that only looked long (its
     /// thread preempted across a tick) ends here without either, and its version stays on the front.
@@ -405,25 +422,17 @@ impl Future for Metered {
         if polled.is_ready() {
             return Poll::Ready(());
         }
-        let yields = this.clock.yields();
-        if yields == this.yields_seen {
-            // Pending without an epoch yield: it waits for I/O, a timer or a worker, not for CPU.
-            this.burst = Duration::ZERO;
+        if !this.burst.after_pending(&this.clock, elapsed) {
             this.left_front_computing = false;
-        } else {
-            this.yields_seen = yields;
-            this.burst += elapsed;
-            if std::mem::take(&mut this.left_front_computing) {
-                this.meter.back_off(Instant::now());
-            }
+        } else if std::mem::take(&mut this.left_front_computing) {
+            this.meter.back_off(Instant::now());
         }
-        if !this.demoted && (this.burst >= DEMOTE_AFTER || this.meter.is_heavy()) {
+        if !this.demoted && (this.burst.computed >= DEMOTE_AFTER || this.meter.is_heavy()) {
             // Continue on the demoted lane: this task ends, a new one there polls the same call.
             let moved = Metered {
                 call: std::mem::replace(&mut this.call, Box::pin(std::future::ready(()))),
                 meter: this.meter.clone(),
                 clock: this.clock.clone(),
-                yields_seen: this.yields_seen,
                 burst: this.burst,
                 left_front_computing: this.left_front_computing,
                 demoted: true,
