@@ -119,43 +119,88 @@ pub fn proxied_apps(upstream: SocketAddr) -> tempfile::TempDir {
 /// keep-alive connections make a pool unnecessary, and one task for both sides hands nothing between tasks (nor
 /// does Marina's own plain-HTTP upstream pool).
 pub async fn start_floor(upstream: SocketAddr) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    use hyper::body::Incoming;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let _ = stream.set_nodelay(true);
-                let Ok(upstream_stream) = tokio::net::TcpStream::connect(upstream).await else {
-                    return;
-                };
-                let _ = upstream_stream.set_nodelay(true);
-                let io = hyper_util::rt::TokioIo::new(upstream_stream);
-                let Ok((sender, connection)) = hyper::client::conn::http1::handshake::<_, Incoming>(io).await else {
-                    return;
-                };
-                // HTTP/1.1 serves one request of a connection at a time, so the lock is never contended; it is
-                // tokio's because it is held across the upstream's answer.
-                let sender = std::sync::Arc::new(tokio::sync::Mutex::new(sender));
-                let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
-                    let sender = sender.clone();
-                    async move {
-                        let mut sender = sender.lock().await;
-                        sender.ready().await?;
-                        sender.send_request(request).await
-                    }
-                });
-                let inbound = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-                // Whichever side ends first ends both.
-                tokio::select! {
-                    _ = inbound => {}
-                    _ = connection => {}
-                }
-            });
+            tokio::spawn(floor_connection(stream, upstream));
         }
     });
     (addr, task)
+}
+
+/// The same floor with one serving thread per core, each a `current_thread` runtime with its own listener on the
+/// shared port (`SO_REUSEPORT`, the kernel spreading connections among them): a connection, its upstream
+/// connection and every wakeup of theirs stay on one thread, with no work stealing. It tells what that design
+/// would save a proxy rule before the server is built that way. The threads serve until the process exits.
+pub fn start_floor_per_core(upstream: SocketAddr) -> SocketAddr {
+    let bind = |addr: SocketAddr| {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_reuseport(true).unwrap();
+        socket.bind(addr).unwrap();
+        socket
+    };
+    let first = bind("127.0.0.1:0".parse().unwrap());
+    let addr = first.local_addr().unwrap();
+    let mut first = Some(first);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (ready, listening) = std::sync::mpsc::channel();
+    for core in 0..cores {
+        let socket = first.take().unwrap_or_else(|| bind(addr));
+        let ready = ready.clone();
+        std::thread::Builder::new()
+            .name(format!("floor-{core}"))
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async move {
+                    let listener = socket.listen(1024).unwrap();
+                    ready.send(()).unwrap();
+                    while let Ok((stream, _)) = listener.accept().await {
+                        tokio::spawn(floor_connection(stream, upstream));
+                    }
+                });
+            })
+            .unwrap();
+    }
+    for _ in 0..cores {
+        listening.recv().unwrap();
+    }
+    addr
+}
+
+/// One client connection of the floor, with its own upstream connection, both driven by this one task.
+async fn floor_connection(stream: tokio::net::TcpStream, upstream: SocketAddr) {
+    use hyper::body::Incoming;
+    let _ = stream.set_nodelay(true);
+    let Ok(upstream_stream) = tokio::net::TcpStream::connect(upstream).await else {
+        return;
+    };
+    let _ = upstream_stream.set_nodelay(true);
+    let io = hyper_util::rt::TokioIo::new(upstream_stream);
+    let Ok((sender, connection)) = hyper::client::conn::http1::handshake::<_, Incoming>(io).await else {
+        return;
+    };
+    // HTTP/1.1 serves one request of a connection at a time, so the lock is never contended; it is tokio's
+    // because it is held across the upstream's answer.
+    let sender = std::sync::Arc::new(tokio::sync::Mutex::new(sender));
+    let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
+        let sender = sender.clone();
+        async move {
+            let mut sender = sender.lock().await;
+            sender.ready().await?;
+            sender.send_request(request).await
+        }
+    });
+    let inbound =
+        hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    // Whichever side ends first ends both.
+    tokio::select! {
+        _ = inbound => {}
+        _ = connection => {}
+    }
 }
 
 /// One wrk run's figures.

@@ -1,6 +1,8 @@
 //! Proxy rules under load: an upstream called directly, through a Marina proxy rule, through the floor of this
-//! stack (hyper's HTTP/1.1 server and client with nothing of Marina's, [`harness::start_floor`]), and through
-//! nginx's `proxy_pass` with keep-alive upstream connections, all in the same run with the same load.
+//! stack (hyper's HTTP/1.1 server and client with nothing of Marina's, [`harness::start_floor`]), through the same
+//! floor served by one `current_thread` runtime per core ([`harness::start_floor_per_core`], the design issue 15
+//! proposes for the server, measured before it is built), and through nginx's `proxy_pass` with keep-alive
+//! upstream connections, all in the same run with the same load.
 //!
 //! `cargo bench --bench marina -- proxy` (needs `wrk`: `apt-get install wrk`; nginx is included when `NGINX` names its
 //! binary or `nginx` is on the PATH: `apt-get install nginx`). Each scenario is a `wrk -t1 -c64` run of
@@ -129,6 +131,7 @@ pub fn main() {
         let apps = harness::proxied_apps(upstream.addr);
         let marina = start_marina(apps.path(), None).await;
         let (floor, floor_task) = harness::start_floor(upstream.addr).await;
+        let floor_per_core = harness::start_floor_per_core(upstream.addr);
         let nginx_dir = tempfile::tempdir().unwrap();
         let nginx = start_nginx(upstream.addr, nginx_dir.path());
 
@@ -142,6 +145,11 @@ pub fn main() {
             (
                 "floor: hyper's server and client, nothing of Marina's",
                 format!("http://{floor}/"),
+                Forwarder::ThisProcess,
+            ),
+            (
+                "floor, one current_thread runtime per core (SO_REUSEPORT)",
+                format!("http://{floor_per_core}/"),
                 Forwarder::ThisProcess,
             ),
         ];
