@@ -122,6 +122,8 @@ pub fn main() {
         .build()
         .unwrap();
     let upstream = upstream_runtime.block_on(start_native());
+    // Its threads run runtimes of their own, started here rather than from inside another runtime's task.
+    let floor_per_core = harness::start_floor_per_core(upstream.addr);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .thread_name("marina")
         .enable_all()
@@ -131,7 +133,6 @@ pub fn main() {
         let apps = harness::proxied_apps(upstream.addr);
         let marina = start_marina(apps.path(), None).await;
         let (floor, floor_task) = harness::start_floor(upstream.addr).await;
-        let floor_per_core = harness::start_floor_per_core(upstream.addr);
         let nginx_dir = tempfile::tempdir().unwrap();
         let nginx = start_nginx(upstream.addr, nginx_dir.path());
 
