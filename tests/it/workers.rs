@@ -7,7 +7,11 @@ use crate::common::{client, get_json, AppsDir, TestServer};
 use marina::server::ServeOptions;
 use serde_json::{json, Value};
 
+/// How many requests the instance that answers this one has served, itself included. It asks once the previous
+/// request's worker is back in the pool: a response may leave before its call has ended (the host waits at most
+/// a moment for a call that is still running), and a request sent in between would start a second instance.
 async fn served(server: &TestServer, app: &str) -> u64 {
+    wait_for(server, |m| m["busyWorkers"] == 0).await;
     let (status, body) = get_json(server, &format!("/{app}/count")).await;
     assert_eq!(status, 200, "{body}");
     body["served"].as_u64().unwrap()
