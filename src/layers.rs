@@ -17,7 +17,7 @@ const LAYERS: &[&[&str]] = &[
     &["backends"],
     &["error"],
     &["deploy"],
-    &["negotiate", "log_fields", "guarded_body"],
+    &["negotiate", "log_fields", "guarded_body", "core_local"],
 ];
 
 /// The layer and the module that `path` (`a::b::c`, without `crate::`) belongs to.

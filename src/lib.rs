@@ -19,11 +19,13 @@
 //! 6. [`error`]: every failure a request can meet, and the one place it becomes a JSON response.
 //! 7. [`deploy`]: what is on disk: `worker.config.json` and its schema, compiled proxy rules, the registry of
 //!    apps and versions (scan, semver resolution, hot reload). It knows nothing of HTTP responses.
-//! 8. `negotiate`, `log_fields` and `guarded_body`: reading weighted header lists (`Accept`, `Accept-Encoding`),
-//!    how values are written in log lines, and a response body that holds a guard; any layer may use them.
+//! 8. `negotiate`, `log_fields`, `guarded_body` and `core_local`: reading weighted header lists (`Accept`,
+//!    `Accept-Encoding`), how values are written in log lines, a response body that holds a guard, and which
+//!    serving core the running thread is; any layer may use them.
 
 pub mod backends;
 pub mod cli;
+mod core_local;
 pub mod deploy;
 pub mod error;
 mod guarded_body;

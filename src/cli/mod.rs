@@ -26,6 +26,8 @@ pub(crate) const DEFAULT_LOG_LEVEL: &str = "info";
 pub(crate) const DEFAULT_SHUTDOWN_TIMEOUT: &str = "30s";
 /// The longest wait queue accepted: each waiter is a small allocation, but a queue this long is already a outage.
 pub(crate) const MAX_QUEUE_LIMIT: usize = 1_000_000;
+/// More serving threads than this is a typo, not a machine.
+pub(crate) const MAX_SERVING_CORES: usize = 1024;
 /// A drain longer than this is a misconfiguration, not a wish.
 pub(crate) const MAX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3600);
 
@@ -96,6 +98,21 @@ pub(crate) struct ServeArgs {
     /// Do not count or time requests (pool metrics stay); only for measuring what request metrics cost.
     #[arg(long, env = "NO_REQUEST_METRICS")]
     pub(crate) no_request_metrics: bool,
+    /// Threads serving connections, each with its own runtime [default: one per CPU]; 0 serves them on the
+    /// process's shared runtime.
+    #[arg(long, env = "SERVING_CORES", value_parser = parse_serving_cores)]
+    pub(crate) serving_cores: Option<usize>,
+}
+
+fn parse_serving_cores(text: &str) -> Result<usize, String> {
+    let cores: usize = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a whole number"))?;
+    if cores > MAX_SERVING_CORES {
+        return Err(format!("must be at most {MAX_SERVING_CORES}"));
+    }
+    Ok(cores)
 }
 
 fn parse_pool_size(text: &str) -> Result<usize, String> {
@@ -159,14 +176,16 @@ impl ServeArgs {
             (false, Some(dir)) => Some(dir),
             (false, None) => Some(crate::backends::wasm::engine::default_cache_dir()),
         };
+        let defaults = ServeOptions::new(apps_dir);
         let serve = ServeOptions {
+            serving_cores: self.serving_cores.unwrap_or(defaults.serving_cores),
             pool_size: self.pool_size,
             queue_limit: self.queue_limit,
             cache_dir,
             precompile: self.precompile,
             drain_timeout: self.shutdown_timeout,
             request_metrics: !self.no_request_metrics,
-            ..ServeOptions::new(apps_dir)
+            ..defaults
         };
         Ok(Settings {
             addr,
@@ -208,7 +227,14 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     logging::init(settings.log_format, settings.log_filter);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // With serving cores, this runtime only accepts connections and runs the background work (reloads, the
+    // reaper, the metrics sampler): one thread is enough. Without them it serves too, on every CPU.
+    let mut builder = if settings.serve.serving_cores > 0 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("marina: cannot start the async runtime: {error}");

@@ -18,6 +18,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -28,13 +29,14 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 
 use crate::backends::proxy::ClientAddr;
 use crate::guarded_body::Guarded;
 use crate::routes::AppState;
+use crate::server::cores::Cores;
 use crate::server::front::Front;
 
 /// Open connections beyond this wait in the kernel's accept queue until one closes.
@@ -80,8 +82,10 @@ pub(crate) async fn run(
     state: AppState,
     shutdown: impl Future<Output = ()>,
     timeouts: Timeouts,
+    serving_cores: usize,
 ) -> std::io::Result<()> {
     let front = Arc::new(Front::new(state.clone()));
+    let cores = Cores::start(serving_cores)?;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -93,6 +97,7 @@ pub(crate) async fn run(
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEADER_BYTES as u32)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+    let builder = Arc::new(builder);
     // hyper-util's `GracefulShutdown` only watches hyper's own connection types, and a connection here is also
     // driven by its watchdog; this is the same signal-then-wait-for-every-receiver scheme, by hand.
     let (drain, _) = watch::channel(());
@@ -116,53 +121,17 @@ pub(crate) async fn run(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let activity = Arc::new(Activity::default());
-        let mut watchdog = Watchdog::new(activity.clone(), timeouts);
-        let front = front.clone();
-        let client = ClientAddr::new(peer);
-        let service = service_fn(move |request: http::Request<Incoming>| {
-            let in_flight = InFlight::start(&activity);
-            let (front, client) = (front.clone(), client.clone());
-            async move {
-                let mut request = request.map(Body::new);
-                request.extensions_mut().insert(client);
-                let response = front.handle(request).await;
-                // The request stays in progress until hyper drops its body: sent to the end, or abandoned.
-                Ok::<_, Infallible>(response.map(|body| Guarded::new(body, in_flight)))
-            }
-        });
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        // Subscribed here, before the task runs, so that a drain signalled meanwhile is not missed.
-        let mut draining = drain.subscribe();
-        tokio::spawn(async move {
-            let mut connection = std::pin::pin!(connection);
-            let mut asked_to_drain = false;
-            let result = loop {
-                tokio::select! {
-                    biased;
-                    result = connection.as_mut() => break result,
-                    verdict = watchdog.expired() => match verdict {
-                        Verdict::Shutdown => connection.as_mut().graceful_shutdown(),
-                        Verdict::Close(why) => {
-                            tracing::debug!(%peer, why, "connection closed");
-                            break Ok(());
-                        }
-                    },
-                    _ = draining.changed(), if !asked_to_drain => {
-                        asked_to_drain = true;
-                        connection.as_mut().graceful_shutdown();
-                    }
-                }
-            };
-            if let Err(error) = result {
-                tracing::debug!(%peer, %error, "connection ended with an error");
-            }
-            // The drain waits for every receiver: this one goes only with the connection.
-            drop(draining);
-            drop(permit);
-        });
+        // Subscribed here, before the connection is handed on, so that a drain signalled meanwhile is not missed.
+        let draining = drain.subscribe();
+        let connection = Connection {
+            front: front.clone(),
+            builder: builder.clone(),
+            timeouts,
+            peer,
+            draining,
+            permit,
+        };
+        cores.spawn(stream, move |stream| connection.serve(stream));
     }
 
     state.lifecycle.set_draining();
@@ -183,7 +152,73 @@ pub(crate) async fn run(
             "shutdown timeout reached; dropping the connections still open"
         ),
     }
+    cores.stop().await;
     Ok(())
+}
+
+/// An accepted connection and what serving it takes.
+struct Connection {
+    front: Arc<Front>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    timeouts: Timeouts,
+    peer: SocketAddr,
+    draining: watch::Receiver<()>,
+    /// Its place under [`MAX_CONNECTIONS`], given back when it closes.
+    permit: OwnedSemaphorePermit,
+}
+
+impl Connection {
+    /// Serves HTTP on `stream` until the connection ends, its watchdog closes it, or the drain has finished it.
+    async fn serve(self, stream: TcpStream) {
+        let Connection {
+            front,
+            builder,
+            timeouts,
+            peer,
+            mut draining,
+            permit,
+        } = self;
+        let activity = Arc::new(Activity::default());
+        let mut watchdog = Watchdog::new(activity.clone(), timeouts);
+        let client = ClientAddr::new(peer);
+        let service = service_fn(move |request: http::Request<Incoming>| {
+            let in_flight = InFlight::start(&activity);
+            let (front, client) = (front.clone(), client.clone());
+            async move {
+                let mut request = request.map(Body::new);
+                request.extensions_mut().insert(client);
+                let response = front.handle(request).await;
+                // The request stays in progress until hyper drops its body: sent to the end, or abandoned.
+                Ok::<_, Infallible>(response.map(|body| Guarded::new(body, in_flight)))
+            }
+        });
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+        let mut connection = std::pin::pin!(connection);
+        let mut asked_to_drain = false;
+        let result = loop {
+            tokio::select! {
+                biased;
+                result = connection.as_mut() => break result,
+                verdict = watchdog.expired() => match verdict {
+                    Verdict::Shutdown => connection.as_mut().graceful_shutdown(),
+                    Verdict::Close(why) => {
+                        tracing::debug!(%peer, why, "connection closed");
+                        break Ok(());
+                    }
+                },
+                _ = draining.changed(), if !asked_to_drain => {
+                    asked_to_drain = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+            }
+        };
+        if let Err(error) = result {
+            tracing::debug!(%peer, %error, "connection ended with an error");
+        }
+        // The drain waits for every receiver: this one goes only with the connection.
+        drop(draining);
+        drop(permit);
+    }
 }
 
 /// What a connection's [`Watchdog`] knows of its requests: how many have started and how many have finished.

@@ -1,12 +1,14 @@
 //! The edge of the host: [`serve`] builds everything from [`ServeOptions`] and runs it on a bound listener.
 //!
 //! `serve` takes a bound listener and a shutdown future (mini-redis's shape), so tests bind `127.0.0.1:0` and drive
-//! the same code the binary runs. The parts: the [`accept`] loop and its connection timeouts, the [`front`] door
+//! the same code the binary runs. The parts: the [`accept`] loop and its connection timeouts, the serving [`cores`]
+//! it hands connections to, the [`front`] door
 //! every request goes through, the [`access_log`], the [`reload`] loop that follows APPS_DIR, and the [`signals`]
 //! that start the drain.
 
 pub(crate) mod accept;
 pub(crate) mod access_log;
+pub(crate) mod cores;
 pub(crate) mod front;
 pub(crate) mod reload;
 pub(crate) mod signals;
@@ -42,11 +44,14 @@ pub struct ServeOptions {
     pub idle_timeout: Duration,
     /// Count and time every request (off only to measure what that costs; pool metrics are always kept).
     pub request_metrics: bool,
+    /// Threads that serve connections, each with a runtime of its own ([`cores`]); 0 serves them on the runtime
+    /// `serve` is called on. One per CPU by default.
+    pub serving_cores: usize,
 }
 
 impl ServeOptions {
-    /// Defaults for `apps_dir`: the default pool and queue, no disk cache, lazy compilation, a 30 s drain, and the
-    /// connection timeouts of the constants above.
+    /// Defaults for `apps_dir`: the default pool and queue, no disk cache, lazy compilation, a 30 s drain, the
+    /// connection timeouts of the constants above, and a serving core per CPU.
     pub fn new(apps_dir: impl Into<std::path::PathBuf>) -> ServeOptions {
         ServeOptions {
             apps_dir: apps_dir.into(),
@@ -58,6 +63,7 @@ impl ServeOptions {
             header_timeout: HEADER_READ_TIMEOUT,
             idle_timeout: IDLE_TIMEOUT,
             request_metrics: true,
+            serving_cores: cores::default_count(),
         }
     }
 }
@@ -87,7 +93,7 @@ pub async fn serve(
         drain: options.drain_timeout,
     };
     let pool = state.pool.clone();
-    let result = run(listener, state, shutdown, timeouts).await;
+    let result = run(listener, state, shutdown, timeouts, options.serving_cores).await;
     // Stop following changes (dropping the watcher), and drop warm workers before the engine goes.
     loader.abort();
     let _ = loader.await;

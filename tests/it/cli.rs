@@ -33,6 +33,14 @@ fn bad_settings_are_refused_before_the_port_is_bound_with_a_message_naming_the_f
         (&["serve", "--apps-dir", dir, "--pool-size", "0"], "--pool-size"),
         (&["serve", "--apps-dir", dir, "--pool-size", "many"], "--pool-size"),
         (&["serve", "--apps-dir", dir, "--port", "70000"], "--port"),
+        (
+            &["serve", "--apps-dir", dir, "--serving-cores", "5000"],
+            "--serving-cores",
+        ),
+        (
+            &["serve", "--apps-dir", dir, "--serving-cores", "all"],
+            "--serving-cores",
+        ),
         (&["serve", "--apps-dir", dir, "--log-format", "xml"], "--log-format"),
         (
             &["serve", "--apps-dir", dir, "--log-level", "marina=loud"],

@@ -24,6 +24,8 @@ async fn lab(config: Value, pool_size: usize) -> (AppsDir, TestServer) {
     let mut options = ServeOptions::new(apps.path());
     options.pool_size = pool_size;
     options.drain_timeout = Duration::from_secs(30);
+    // Compiled before the first request, whose timeout would otherwise count the compile too.
+    options.precompile = true;
     let server = TestServer::start_with(options).await;
     (apps, server)
 }

@@ -63,9 +63,13 @@ struct Idle {
 /// names any more (a config reload) would otherwise keep its idle connections open for the life of the process.
 const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Idle connections to plain-HTTP upstreams, per authority, most recently used last.
+/// Idle connections to plain-HTTP upstreams, per serving core and authority, most recently used last.
+///
+/// A connection is polled by the I/O driver of the core that opened it, so it is only lent to requests on that
+/// core (see [`crate::core_local`]): used from another, each of its reads would wait for the owning core to turn
+/// its driver. One lock per core also keeps the cores from contending for the lists.
 pub(crate) struct Http1Pool {
-    idle: Mutex<IdleLists>,
+    shards: Box<[Mutex<IdleLists>]>,
 }
 
 struct IdleLists {
@@ -76,13 +80,18 @@ struct IdleLists {
 }
 
 impl Default for Http1Pool {
+    /// A shard per CPU (the default number of serving cores), and one for threads that are no serving core.
     fn default() -> Self {
-        Http1Pool {
-            idle: Mutex::new(IdleLists {
-                by_authority: HashMap::default(),
-                swept: Instant::now(),
-            }),
-        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let shards = (0..=cores)
+            .map(|_| {
+                Mutex::new(IdleLists {
+                    by_authority: HashMap::default(),
+                    swept: Instant::now(),
+                })
+            })
+            .collect();
+        Http1Pool { shards }
     }
 }
 
@@ -165,8 +174,14 @@ impl Http1Pool {
         }
     }
 
+    /// The running core's idle lists.
+    fn idle(&self) -> std::sync::MutexGuard<'_, IdleLists> {
+        let shard = &self.shards[crate::core_local::slot(self.shards.len())];
+        shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn take_idle(&self, authority: &Authority) -> Option<Box<Connection>> {
-        let mut idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut idle = self.idle();
         let list = idle.by_authority.get_mut(authority)?;
         let fresh_from = list.partition_point(|entry| entry.since.elapsed() > POOL_IDLE_TIMEOUT);
         list.drain(..fresh_from);
@@ -180,7 +195,7 @@ impl Http1Pool {
             return;
         }
         let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut idle = self.idle();
         if now.saturating_duration_since(idle.swept) > SWEEP_INTERVAL {
             idle.sweep(now);
         }
@@ -273,7 +288,7 @@ mod tests {
         let (used, fresh, _b) = idle_connection().await;
         let then = Instant::now();
         {
-            let mut idle = pool.idle.lock().unwrap();
+            let mut idle = pool.idle();
             idle.by_authority.insert(
                 gone.clone(),
                 vec![Idle {

@@ -438,6 +438,7 @@ fn ended(returned: wasmtime::Result<()>, clock: &CallClock) -> Outcome {
 fn acquire_error(runtime: &VersionRuntime, error: AcquireError) -> Error {
     match error {
         AcquireError::QueueFull { .. } | AcquireError::QueueTimeout => Error::PoolBusy(error.into()),
+        AcquireError::StartTimedOut => timed_out(runtime),
         AcquireError::Instantiate(cause) => Error::WorkerFailed {
             app: runtime.identity.app.clone(),
             version: runtime.identity.version.clone(),

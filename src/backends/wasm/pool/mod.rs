@@ -72,6 +72,10 @@ pub(crate) enum AcquireError {
     QueueTimeout,
     #[error("the worker could not be started")]
     Instantiate(#[source] StartError),
+    /// The request's deadline passed while its new worker was being started (a component compiled on this first
+    /// request, a start function that runs long): a timeout of the request, counted as one, and a failed worker.
+    #[error("the request's deadline passed while its worker was being started")]
+    StartTimedOut,
 }
 
 /// Why a new worker could not be started.
@@ -296,7 +300,15 @@ impl Pool {
             &self.workers,
         )
         .await
-        .map_err(|error| failed(StartError::Instantiate(error)))?;
+        .map_err(|error| {
+            if clock.timed_out() {
+                bump(&self.counters.timeouts);
+                bump(&self.counters.failed);
+                AcquireError::StartTimedOut
+            } else {
+                failed(StartError::Instantiate(error))
+            }
+        })?;
         bump(&self.counters.created);
         Ok(Lease {
             worker,

@@ -49,8 +49,19 @@ impl VersionRuntime {
     }
 
     /// The compiled component, compiling it (off the async threads) the first time. Concurrent callers share one
-    /// compilation, and its failure.
-    pub(crate) async fn loaded(&self, engine: &Arc<Engine>) -> Result<Arc<Loaded>, Arc<LoadError>> {
+    /// compilation, and its failure. The compilation runs in a task of its own: a caller that stops waiting (its
+    /// deadline passed, its client left) does not abandon it, or the next request would start it over.
+    pub(crate) async fn loaded(self: &Arc<Self>, engine: &Arc<Engine>) -> Result<Arc<Loaded>, Arc<LoadError>> {
+        if let Some(loaded) = self.loaded.get() {
+            return loaded.clone();
+        }
+        let (runtime, engine) = (self.clone(), engine.clone());
+        tokio::spawn(async move { runtime.compile(&engine).await })
+            .await
+            .unwrap_or_else(|unfinished| Err(Arc::new(LoadError::Unfinished(unfinished))))
+    }
+
+    async fn compile(&self, engine: &Arc<Engine>) -> Result<Arc<Loaded>, Arc<LoadError>> {
         self.loaded
             .get_or_init(|| async {
                 let engine = engine.clone();

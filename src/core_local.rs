@@ -1,0 +1,62 @@
+//! Which serving core the running thread is, so that state kept per core (the upstream connection pool) is
+//! looked up without a lock shared with the other cores.
+//!
+//! A serving core is a thread running a `current_thread` runtime of its own (see `server::cores`): a connection,
+//! its tasks and the sockets it opens are polled by that thread's I/O driver and no other. A socket opened on one
+//! core and used on another still works, but every readiness event then crosses threads, and only arrives when the
+//! owning core turns its driver. Threads that are no serving core (an embedder's runtime, the tests' in-process
+//! front) have no index and share one slot.
+
+use std::cell::Cell;
+
+thread_local! {
+    static CORE: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Marks the running thread as serving core `index`, for its lifetime.
+pub(crate) fn enter(index: usize) {
+    CORE.with(|core| core.set(Some(index)));
+}
+
+/// The running thread's serving core, if it is one.
+pub(crate) fn current() -> Option<usize> {
+    CORE.with(Cell::get)
+}
+
+/// A slot among `slots` for the running thread: its core's (cores beyond `slots - 1` share by remainder), or the
+/// last one for a thread that is no serving core.
+pub(crate) fn slot(slots: usize) -> usize {
+    debug_assert!(slots > 0);
+    match current() {
+        Some(core) if slots > 1 => core % (slots - 1),
+        _ => slots - 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_thread_that_is_no_core_takes_the_last_slot_and_a_core_its_own() {
+        assert_eq!(std::thread::spawn(|| slot(3)).join().unwrap(), 2);
+        let core = |index| {
+            std::thread::spawn(move || {
+                enter(index);
+                slot(3)
+            })
+            .join()
+            .unwrap()
+        };
+        assert_eq!(
+            (core(0), core(1), core(2)),
+            (0, 1, 0),
+            "cores share the slots by remainder"
+        );
+        assert_eq!(
+            std::thread::spawn(|| slot(1)).join().unwrap(),
+            0,
+            "one slot serves every thread"
+        );
+    }
+}
