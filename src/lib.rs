@@ -9,7 +9,7 @@
 //! 1. [`cli`]: the `marina` command (`serve`, `check`, `schema`) and log output; settings are validated before
 //!    anything binds.
 //! 2. [`server`]: the edge: the accept loop (HTTP/1.1 and h2c on one port, connection limits and timeouts,
-//!    graceful drain), the front door every request goes through, the access log, the reload loop, signals.
+//!    graceful drain) and the serving cores it hands connections to, the front door every request goes through, the access log, the reload loop, signals.
 //! 3. [`routes`]: what a request is answered with: app dispatch (split `/<app>@<spec>/rest`, resolve, hand on),
 //!    the host's own routes under `/_/` and the SSE stream, over the shared [`routes::AppState`].
 //! 4. [`metrics`]: request and pool counters, latency histograms, the window, the JSON and Prometheus views.

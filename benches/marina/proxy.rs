@@ -1,8 +1,8 @@
-//! Proxy rules under load: an upstream called directly, through a Marina proxy rule, through the floor of this
-//! stack (hyper's HTTP/1.1 server and client with nothing of Marina's, [`harness::start_floor`]), through the same
-//! floor served by one `current_thread` runtime per core ([`harness::start_floor_per_core`], the design issue 15
-//! proposes for the server, measured before it is built), and through nginx's `proxy_pass` with keep-alive
-//! upstream connections, all in the same run with the same load.
+//! Proxy rules under load: an upstream called directly, through a Marina proxy rule (on its serving cores, and on
+//! one shared multi-thread runtime as before them), through the floor of this stack (hyper's HTTP/1.1 server and
+//! client with nothing of Marina's, [`harness::start_floor`]), through the same floor served by one
+//! `current_thread` runtime per core ([`harness::start_floor_per_core`]), and through nginx's `proxy_pass` with
+//! keep-alive upstream connections, all in the same run with the same load.
 //!
 //! `cargo bench --bench marina -- proxy` (needs `wrk`: `apt-get install wrk`; nginx is included when `NGINX` names its
 //! binary or `nginx` is on the PATH: `apt-get install nginx`). Each scenario is a `wrk -t1 -c64` run of
@@ -132,6 +132,7 @@ pub fn main() {
     runtime.block_on(async {
         let apps = harness::proxied_apps(upstream.addr);
         let marina = start_marina(apps.path(), None).await;
+        let shared = harness::start_marina_with(apps.path(), |options| options.serving_cores = 0).await;
         let (floor, floor_task) = harness::start_floor(upstream.addr).await;
         let nginx_dir = tempfile::tempdir().unwrap();
         let nginx = start_nginx(upstream.addr, nginx_dir.path());
@@ -141,6 +142,11 @@ pub fn main() {
             (
                 "through a Marina proxy rule",
                 marina.url("/api/"),
+                Forwarder::ThisProcess,
+            ),
+            (
+                "through a Marina proxy rule, on one shared runtime (`serving_cores: 0`)",
+                shared.url("/api/"),
                 Forwarder::ThisProcess,
             ),
             (
@@ -207,6 +213,7 @@ pub fn main() {
             }
         }
         marina.stop().await;
+        shared.stop().await;
         floor_task.abort();
         if let Some((mut child, _)) = nginx {
             let _ = child.kill();

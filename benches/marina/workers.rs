@@ -9,6 +9,8 @@
 //! - marina's own `/_/health` route, to separate the host's HTTP stack from the worker;
 //! - warm: `hello` with `ttl > 0` (instances reused), against `wasmtime serve` with instance reuse and a timeout;
 //! - fresh: `hello` with `ttl: 0` (a new instance per request), against `wasmtime serve`'s instance per request;
+//! - warm and fresh again on a server without serving cores (`serving_cores: 0`, one shared multi-thread runtime,
+//!   as before they were built), to show what they change;
 //! - the two `wasmtime serve` anchors on the same component;
 //!
 //! then what request metrics cost: the warm scenario on two servers, one with `--no-request-metrics`, in
@@ -120,6 +122,7 @@ pub fn main() {
 
         let native = start_native().await;
         let marina = start_marina(apps.path(), None).await;
+        let shared = start_marina_with(apps.path(), |options| options.serving_cores = 0).await;
         let reusing = start_wasmtime_serve(&hello, true);
         let fresh = start_wasmtime_serve(&hello, false);
         if reusing.is_none() || fresh.is_none() {
@@ -137,6 +140,16 @@ pub fn main() {
             ),
             ("marina hello, ttl > 0 (warm)", marina.url("/warm/"), Anchor::Reuse),
             ("marina hello, ttl: 0 (fresh)", marina.url("/fresh/"), Anchor::Fresh),
+            (
+                "marina warm, one shared runtime (`serving_cores: 0`)",
+                shared.url("/warm/"),
+                Anchor::Reuse,
+            ),
+            (
+                "marina fresh, one shared runtime (`serving_cores: 0`)",
+                shared.url("/fresh/"),
+                Anchor::Fresh,
+            ),
         ];
         // Where each anchor's row is, when it runs.
         let mut anchor_row = |child: &Option<(std::process::Child, SocketAddr)>, name| {
@@ -199,6 +212,7 @@ pub fn main() {
             }
         }
         marina.stop().await;
+        shared.stop().await;
         native.stop().await;
         metrics_cost(apps.path(), benchmarking, secs).await;
         for (mut child, _) in reusing.into_iter().chain(fresh) {

@@ -226,7 +226,8 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    logging::init(settings.log_format, settings.log_filter);
+    // Held until `serve` returns: dropping it flushes the last lines.
+    let _log = logging::init(settings.log_format, settings.log_filter);
     // With serving cores, this runtime only accepts connections and runs the background work (reloads, the
     // reaper, the metrics sampler): one thread is enough. Without them it serves too, on every CPU.
     let mut builder = if settings.serve.serving_cores > 0 {

@@ -1,5 +1,5 @@
 //! The accept loop: HTTP/1.1 and HTTP/2 on one port, with a connection limit, header and idle timeouts, and a
-//! bounded graceful drain.
+//! bounded graceful drain. Connections are accepted here and served on the serving [`cores`](super::cores).
 //!
 //! This is hyper-util's auto connection (HTTP/1.1, or HTTP/2 when the client opens with the HTTP/2 preface)
 //! rather than `axum::serve`, because a host needs the knobs that one hides: connection limit, header size and
