@@ -86,15 +86,15 @@ impl Metrics {
         InFlight::new(self.requests_on.then_some(stats), start)
     }
 
-    /// Counts a response to an app (one the dispatcher marked [`Served`]) and times it to the end of its body.
-    pub(crate) fn observe(&self, start: Instant, response: Response) -> Response {
+    /// Counts a response to an app (one the dispatcher marked [`Served`]) and times it to the end of its body. The
+    /// mark is taken out, not copied: its counters' reference count is shared by every core serving that app.
+    pub(crate) fn observe(&self, start: Instant, mut response: Response) -> Response {
         if !self.requests_on {
             return response;
         }
-        let Some(served) = response.extensions().get::<Served>() else {
+        let Some(Served { stats }) = response.extensions_mut().remove::<Served>() else {
             return response;
         };
-        let stats = served.stats.clone();
         stats.count(response.status());
         response.map(|body| timed(body, start, stats))
     }
