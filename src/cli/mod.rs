@@ -104,37 +104,31 @@ pub(crate) struct ServeArgs {
     pub(crate) serving_cores: Option<usize>,
 }
 
-fn parse_serving_cores(text: &str) -> Result<usize, String> {
-    let cores: usize = text
+/// A count: a whole number from `range`.
+fn parse_count(text: &str, range: std::ops::RangeInclusive<usize>) -> Result<usize, String> {
+    let count: usize = text
         .trim()
         .parse()
         .map_err(|_| format!("{text:?} is not a whole number"))?;
-    if cores > MAX_SERVING_CORES {
-        return Err(format!("must be at most {MAX_SERVING_CORES}"));
+    if !range.contains(&count) {
+        return Err(match range.start() {
+            0 => format!("must be at most {}", range.end()),
+            start => format!("must be between {start} and {}", range.end()),
+        });
     }
-    Ok(cores)
+    Ok(count)
 }
 
 fn parse_pool_size(text: &str) -> Result<usize, String> {
-    let size: usize = text
-        .trim()
-        .parse()
-        .map_err(|_| format!("{text:?} is not a whole number"))?;
-    if !(1..=MAX_POOL_SIZE).contains(&size) {
-        return Err(format!("must be between 1 and {MAX_POOL_SIZE}"));
-    }
-    Ok(size)
+    parse_count(text, 1..=MAX_POOL_SIZE)
 }
 
 fn parse_queue_limit(text: &str) -> Result<usize, String> {
-    let limit: usize = text
-        .trim()
-        .parse()
-        .map_err(|_| format!("{text:?} is not a whole number"))?;
-    if limit > MAX_QUEUE_LIMIT {
-        return Err(format!("must be at most {MAX_QUEUE_LIMIT}"));
-    }
-    Ok(limit)
+    parse_count(text, 0..=MAX_QUEUE_LIMIT)
+}
+
+fn parse_serving_cores(text: &str) -> Result<usize, String> {
+    parse_count(text, 0..=MAX_SERVING_CORES)
 }
 
 fn parse_shutdown_timeout(text: &str) -> Result<Duration, String> {
