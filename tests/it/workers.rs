@@ -7,8 +7,11 @@ use crate::common::{client, get_json, AppsDir, TestServer};
 use marina::server::ServeOptions;
 use serde_json::{json, Value};
 
-/// How many requests the instance that answers this one has served, itself included.
+/// How many requests the instance that answers this one has served, itself included. It asks once no worker is
+/// busy: the head of a small response waits only a moment for its call to end, so on a loaded machine the
+/// previous request's worker may not be back in the pool yet, and a request sent meanwhile would start another.
 async fn served(server: &TestServer, app: &str) -> u64 {
+    wait_for(server, |m| m["busyWorkers"] == 0).await;
     let (status, body) = get_json(server, &format!("/{app}/count")).await;
     assert_eq!(status, 200, "{body}");
     body["served"].as_u64().unwrap()
@@ -249,10 +252,6 @@ async fn a_memory_hog_fails_inside_its_cap_with_500_and_the_next_request_is_serv
     assert_eq!(body["app"], "hog");
     let (status, body) = get_json(&server, "/hog/hog?mb=4").await;
     assert_eq!(status, 200, "an allocation within the cap works: {body}");
-    // The head of a small response waits only a moment for its call to end: a call still freeing 4 MB (slow
-    // under a loaded CI machine, with the engine unoptimised) may not have given its worker back yet, and a
-    // request sent meanwhile would start a second instance.
-    wait_for(&server, |m| m["busyWorkers"] == 0).await;
     assert_eq!(
         served(&server, "hog").await,
         2,
