@@ -38,6 +38,12 @@ struct Core {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// Threads all the cores together may run blocking work on (static files read through `tokio::fs`, compiles),
+/// shared out evenly: tokio's default for a single runtime, so more cores do not multiply it.
+const BLOCKING_THREADS: usize = 512;
+/// The fewest blocking threads a core gets, however many cores share [`BLOCKING_THREADS`].
+const MIN_BLOCKING_THREADS_PER_CORE: usize = 8;
+
 /// The number of serving cores `serve` starts by default: one per CPU the process may use.
 pub(crate) fn default_count() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -47,8 +53,12 @@ impl Cores {
     /// Starts `count` serving cores (none for 0: connections are then served on the caller's runtime).
     pub(crate) fn start(count: usize) -> std::io::Result<Cores> {
         let mut cores = Vec::with_capacity(count);
+        let blocking = (BLOCKING_THREADS / count.max(1)).max(MIN_BLOCKING_THREADS_PER_CORE);
         for index in 0..count {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .max_blocking_threads(blocking)
+                .build()?;
             let handle = runtime.handle().clone();
             let (stop, stopped) = oneshot::channel::<()>();
             let thread = std::thread::Builder::new()
