@@ -194,7 +194,16 @@ impl Connection {
         });
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
         let mut connection = std::pin::pin!(connection);
-        let mut asked_to_drain = false;
+        // At the drain, a request may already sit in the socket while this core has not yet turned its I/O driver
+        // (a busy core does so only every few dozen tasks): hyper would find no readiness, take the connection for
+        // idle and close it, and the request would be lost. Yielding first lets the driver run, so the connection,
+        // polled again before the shutdown, reads that request and serves it.
+        let mut drained = std::pin::pin!(async move {
+            let _ = draining.changed().await;
+            tokio::task::yield_now().await;
+            draining
+        });
+        let mut asked_to_drain = None;
         let result = loop {
             tokio::select! {
                 biased;
@@ -206,8 +215,8 @@ impl Connection {
                         break Ok(());
                     }
                 },
-                _ = draining.changed(), if !asked_to_drain => {
-                    asked_to_drain = true;
+                receiver = &mut drained, if asked_to_drain.is_none() => {
+                    asked_to_drain = Some(receiver);
                     connection.as_mut().graceful_shutdown();
                 }
             }
@@ -216,7 +225,7 @@ impl Connection {
             tracing::debug!(%peer, %error, "connection ended with an error");
         }
         // The drain waits for every receiver: this one goes only with the connection.
-        drop(draining);
+        drop(asked_to_drain);
         drop(permit);
     }
 }
