@@ -419,7 +419,19 @@ async fn the_json_and_prometheus_views_agree_and_the_text_is_well_formed() {
 async fn reading_the_metrics_changes_nothing_and_is_not_counted() {
     let (_apps, server) = lab(json!({"ttl": 60}), 4).await;
     status_of(&server, "/lab/count").await;
-    let first = get_json(&server, "/_/stats").await;
+    // The request's latency is recorded when hyper drops its body, and its worker is back when its call ends: on a
+    // loaded machine either may follow the response the client read by a moment, so the first reading waits.
+    let first = eventually(
+        Duration::from_secs(10),
+        "the request timed and its worker back",
+        async || {
+            let stats = get_json(&server, "/_/stats").await;
+            let app = &stats["apps"]["lab@1.0.0"];
+            let settled = app["workers"]["busy"] == 0 && app["latencyMs"]["p50"].as_f64().is_some_and(|p50| p50 > 0.0);
+            settled.then_some(stats)
+        },
+    )
+    .await;
     for path in [
         "/_/stats",
         "/_/metrics",

@@ -328,6 +328,9 @@ async fn the_todo_api_keeps_its_state_in_a_warm_worker() {
         .unwrap();
     assert_eq!(created.status(), 201);
     assert_eq!(created.headers()["location"], "/todo-api/todos/1");
+    // Each next request once the worker is back: one sent while it is still returning would start an instance
+    // with an empty list (see `served`).
+    wait_for(&server, |m| m["busyWorkers"] == 0).await;
     let patched = client()
         .patch(server.url("/todo-api/todos/1"))
         .json(&json!({"done": true}))
@@ -335,6 +338,7 @@ async fn the_todo_api_keeps_its_state_in_a_warm_worker() {
         .await
         .unwrap();
     assert_eq!(patched.status(), 200);
+    wait_for(&server, |m| m["busyWorkers"] == 0).await;
     let (status, list) = get_json(&server, "/todo-api/todos").await;
     assert_eq!(status, 200);
     assert_eq!(list, json!([{"id": 1, "title": "write tests", "done": true}]));
@@ -345,6 +349,7 @@ async fn the_todo_api_keeps_its_state_in_a_warm_worker() {
         .await
         .unwrap();
     assert_eq!(bad.status(), 400);
+    wait_for(&server, |m| m["busyWorkers"] == 0).await;
     let deleted = client().delete(server.url("/todo-api/todos/1")).send().await.unwrap();
     assert_eq!(deleted.status(), 204);
     assert_eq!(get_json(&server, "/todo-api/todos/1").await.0, 404);
