@@ -13,6 +13,11 @@ thread_local! {
     static CORE: Cell<Option<usize>> = const { Cell::new(None) };
 }
 
+/// The number of serving cores by default: one per CPU the process may use. State kept per core is sized from it.
+pub(crate) fn default_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Marks the running thread as serving core `index`, for its lifetime.
 pub(crate) fn enter(index: usize) {
     CORE.with(|core| core.set(Some(index)));

@@ -46,11 +46,6 @@ const BLOCKING_THREADS: usize = 512;
 /// The fewest blocking threads a core gets, however many cores share [`BLOCKING_THREADS`].
 const MIN_BLOCKING_THREADS_PER_CORE: usize = 8;
 
-/// The number of serving cores `serve` starts by default: one per CPU the process may use.
-pub(crate) fn default_count() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
 impl Cores {
     /// Starts `count` serving cores (none for 0: connections are then served on the caller's runtime).
     pub(crate) fn start(count: usize) -> std::io::Result<Cores> {

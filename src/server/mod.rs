@@ -63,7 +63,7 @@ impl ServeOptions {
             header_timeout: HEADER_READ_TIMEOUT,
             idle_timeout: IDLE_TIMEOUT,
             request_metrics: true,
-            serving_cores: cores::default_count(),
+            serving_cores: crate::core_local::default_count(),
         }
     }
 }

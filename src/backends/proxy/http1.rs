@@ -82,8 +82,7 @@ struct IdleLists {
 impl Default for Http1Pool {
     /// A shard per CPU (the default number of serving cores), and one for threads that are no serving core.
     fn default() -> Self {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let shards = (0..=cores)
+        let shards = (0..=crate::core_local::default_count())
             .map(|_| {
                 Mutex::new(IdleLists {
                     by_authority: HashMap::default(),
