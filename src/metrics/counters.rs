@@ -24,8 +24,8 @@ pub(crate) const CLIENT_CLOSED: u16 = 499;
 /// Status codes are counted for 100..=599; anything else (never sent by hyper) counts as 599.
 const STATUS_CODES: usize = 500;
 
-/// The app version a response came from (the unrouted counters when it named none), left in its extensions by the
-/// dispatcher for the access log and [`super::Metrics::observe`].
+/// The app version a response came from (the unrouted counters when it named none), handed back by the dispatcher
+/// beside the response for the access log and [`super::Metrics::observe`].
 #[derive(Clone)]
 pub(crate) struct Served {
     pub(crate) stats: Arc<AppStats>,

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::response::Response;
+use http::StatusCode;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -39,7 +39,7 @@ use counters::Apps;
 pub(crate) use counters::{AppReading, InFlight, RETIRED};
 pub(crate) use counters::{AppStats, Served};
 pub(crate) use snapshot::Snapshot;
-use timed::timed;
+pub(crate) use timed::Timer;
 pub use window::WINDOW;
 pub(crate) use window::{Recent, SAMPLE_INTERVAL};
 
@@ -86,17 +86,15 @@ impl Metrics {
         InFlight::new(self.requests_on.then_some(stats), start)
     }
 
-    /// Counts a response to an app (one the dispatcher marked [`Served`]) and times it to the end of its body. The
-    /// mark is taken out, not copied: its counters' reference count is shared by every core serving that app.
-    pub(crate) fn observe(&self, start: Instant, mut response: Response) -> Response {
+    /// Counts a response to an app (`served` says which version; internal routes have none) and gives the timer
+    /// that times it to the end of its body, to be dropped with the body.
+    pub(crate) fn observe(&self, start: Instant, served: Option<Served>, status: StatusCode) -> Option<Timer> {
         if !self.requests_on {
-            return response;
+            return None;
         }
-        let Some(Served { stats }) = response.extensions_mut().remove::<Served>() else {
-            return response;
-        };
-        stats.count(response.status());
-        response.map(|body| timed(body, start, stats))
+        let Served { stats } = served?;
+        stats.count(status);
+        Some(Timer::new(start, stats))
     }
 
     fn read_apps(&self) -> Vec<AppReading> {

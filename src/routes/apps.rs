@@ -3,10 +3,13 @@
 //! Everything that is not an internal `/_/` route lands here. The version is resolved once, from one snapshot,
 //! and held (an `Arc`) for the whole request, so a reload or removal mid-request cannot change what serves it.
 
+use std::time::Instant;
+
 use axum::extract::Request;
 use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 
+use crate::backends::proxy::ClientAddr;
 use crate::backends::static_files;
 use crate::deploy::registry::{AppKind, Resolved};
 use crate::error::Error;
@@ -20,16 +23,24 @@ pub(crate) const BASE_HEADER: &str = "x-marina-base";
 /// How long `GET /<app>@<spec>/health` waits for a worker before answering 503.
 pub(crate) const HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Every request that is not for an internal route.
-pub(crate) async fn handle(state: &AppState, request: Request) -> Response {
-    let arrived = std::time::Instant::now();
-    let (served, result) = route(state, request, arrived).await;
-    let mut response = result.unwrap_or_else(IntoResponse::into_response);
-    response.extensions_mut().insert(served);
-    response
+/// Every request that is not for an internal route, from `client` when it came over the network, arrived at
+/// `arrived`: the response, and the version it came from.
+pub(crate) async fn handle(
+    state: &AppState,
+    request: Request,
+    client: Option<&ClientAddr>,
+    arrived: Instant,
+) -> (Served, Response) {
+    let (served, result) = route(state, request, client, arrived).await;
+    (served, result.unwrap_or_else(IntoResponse::into_response))
 }
 
-async fn route(state: &AppState, request: Request, arrived: std::time::Instant) -> (Served, Result<Response, Error>) {
+async fn route(
+    state: &AppState,
+    request: Request,
+    client: Option<&ClientAddr>,
+    arrived: Instant,
+) -> (Served, Result<Response, Error>) {
     let unrouted = || Served {
         stats: state.metrics.unrouted(),
     };
@@ -53,22 +64,39 @@ async fn route(state: &AppState, request: Request, arrived: std::time::Instant) 
     };
     // `/app@1`: what the client put before the app's own path.
     let mount = &path[..path.len() - rest.len()];
+    let target = Target {
+        resolved: &resolved,
+        served: &served,
+        mount,
+        rest,
+        client,
+    };
     // Everything before this point is synchronous; from here the client may go away while we wait.
     let in_flight = state.metrics.in_flight(&served.stats, arrived);
-    let result = serve(state, &resolved, &served, mount, rest, request, arrived).await;
+    let result = serve(state, target, request, arrived).await;
     in_flight.answered();
     (served, result)
 }
 
-async fn serve(
-    state: &AppState,
-    resolved: &Resolved,
-    served: &Served,
-    mount: &str,
-    rest: &str,
-    request: Request,
-    arrived: std::time::Instant,
-) -> Result<Response, Error> {
+/// Where a request for an app goes, as the router found it.
+struct Target<'a> {
+    resolved: &'a Resolved,
+    served: &'a Served,
+    /// What the client put before the app's own path (`/app@1`).
+    mount: &'a str,
+    /// The app's own path, empty for `/app@1`.
+    rest: &'a str,
+    client: Option<&'a ClientAddr>,
+}
+
+async fn serve(state: &AppState, target: Target<'_>, request: Request, arrived: Instant) -> Result<Response, Error> {
+    let Target {
+        resolved,
+        served,
+        mount,
+        rest,
+        client,
+    } = target;
     let version = &resolved.version;
     let deployment = version.deployment.as_ref().map_err(|reason| Error::InvalidVersion {
         app: resolved.app.name.clone(),
@@ -99,7 +127,10 @@ async fn serve(
     // Proxy rules come before whatever the version runs: a matched request never reaches a worker.
     let app_path = if rest.is_empty() { "/" } else { rest };
     if let Some(matched) = deployment.proxy.find(app_path) {
-        return state.upstreams.forward(&matched, mount, app_path, request).await;
+        return state
+            .upstreams
+            .forward(&matched, mount, app_path, request, client)
+            .await;
     }
     match deployment.kind {
         AppKind::Static => {

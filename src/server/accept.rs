@@ -185,11 +185,10 @@ impl Connection {
             let in_flight = InFlight::start(&activity);
             let (front, client) = (front.clone(), client.clone());
             async move {
-                let mut request = request.map(Body::new);
-                request.extensions_mut().insert(client);
-                let response = front.handle(request).await;
-                // The request stays in progress until hyper drops its body: sent to the end, or abandoned.
-                Ok::<_, Infallible>(response.map(|body| Guarded::new(body, in_flight)))
+                let (response, timer) = front.answer(request.map(Body::new), Some(&client)).await;
+                // The request stays in progress, and its timer runs, until hyper drops its body: sent to the end, or
+                // abandoned.
+                Ok::<_, Infallible>(response.map(|body| Guarded::new(body, (in_flight, timer))))
             }
         });
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);

@@ -1,6 +1,6 @@
 //! One log line per request: method, path, app, version, status and duration.
 //!
-//! The dispatcher leaves the app and version that served a request in the response's extensions, so the server's
+//! The dispatcher hands back the app and version that served a request beside its response, so the server's
 //! outermost layer writes the line once, for every route, including errors.
 
 use std::time::Instant;
@@ -12,8 +12,14 @@ use crate::log_fields::millis;
 use crate::metrics::Served;
 
 /// Writes the access line for a response to a request that arrived at `start`.
-pub(crate) fn record(method: &Method, path: &str, http_version: Version, start: Instant, response: &Response) {
-    let served = response.extensions().get::<Served>();
+pub(crate) fn record(
+    method: &Method,
+    path: &str,
+    http_version: Version,
+    start: Instant,
+    served: Option<&Served>,
+    response: &Response,
+) {
     tracing::info!(
         target: "marina::access",
         method = %method,

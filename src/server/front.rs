@@ -8,7 +8,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use tower::ServiceExt;
 
+use crate::backends::proxy::ClientAddr;
 use crate::error::Error;
+use crate::metrics::Timer;
 use crate::routes::{apps, internal, AppState};
 use crate::server::access_log;
 
@@ -29,10 +31,21 @@ impl Front {
     }
 
     /// What every request goes through: targets over the length limit are refused, every response gets its
-    /// access line, and responses from apps are counted and timed. App paths go straight to the dispatcher rather
-    /// than through the router to its fallback: the router's boxed futures, layer by layer, cost a proxied request
-    /// measurably.
+    /// access line, and responses from apps are counted and timed to the end of their body. For a request made in
+    /// process (tests, benchmarks): no client address, and the body timed by a wrapper of its own.
     pub async fn handle(&self, request: Request) -> Response {
+        let (response, timer) = self.answer(request, None).await;
+        match timer {
+            Some(timer) => response.map(|body| timer.time(body)),
+            None => response,
+        }
+    }
+
+    /// The response to `request` from `client`, and the timer to drop when its body is done with (for a counted
+    /// app request), which the accept loop keeps in the one wrapper it puts around the body. App paths go straight
+    /// to the dispatcher rather than through the router to its fallback: the router's boxed futures, layer by
+    /// layer, cost a proxied request measurably.
+    pub(crate) async fn answer(&self, request: Request, client: Option<&ClientAddr>) -> (Response, Option<Timer>) {
         let start = Instant::now();
         let method = request.method().clone();
         // For the access line, after the request has moved on (a shared buffer: the clone copies nothing).
@@ -40,19 +53,21 @@ impl Front {
         let path = uri.path();
         let http_version = request.version();
         let len = uri.path_and_query().map_or(0, |pq| pq.as_str().len());
-        let response = if len > MAX_URI_BYTES {
-            Error::UriTooLong {
+        let (served, response) = if len > MAX_URI_BYTES {
+            let error = Error::UriTooLong {
                 len,
                 limit: MAX_URI_BYTES,
-            }
-            .into_response()
+            };
+            (None, error.into_response())
         } else if path == "/_" || path.starts_with("/_/") {
             let routed = self.internal.clone().oneshot(request).await;
-            routed.unwrap_or_else(|never| match never {})
+            (None, routed.unwrap_or_else(|never| match never {}))
         } else {
-            apps::handle(&self.state, request).await
+            let (served, response) = apps::handle(&self.state, request, client, start).await;
+            (Some(served), response)
         };
-        access_log::record(&method, path, http_version, start, &response);
-        self.state.metrics.observe(start, response)
+        access_log::record(&method, path, http_version, start, served.as_ref(), &response);
+        let timer = self.state.metrics.observe(start, served, response.status());
+        (response, timer)
     }
 }

@@ -31,8 +31,9 @@ use crate::backends::stall;
 use crate::deploy::rules::{Matched, Rule};
 use crate::error::Error;
 
-/// The client's IP as an `X-Forwarded-For` entry, in every request's extensions: made once per connection by the
-/// accept loop rather than formatted for every proxied request.
+/// The client's IP as an `X-Forwarded-For` entry: made once per connection by the accept loop rather than formatted
+/// for every proxied request, and passed down with each request (not in its extensions, whose map would be one
+/// more allocation per request).
 #[derive(Debug, Clone)]
 pub(crate) struct ClientAddr {
     pub(crate) forwarded_for: http::HeaderValue,
@@ -101,13 +102,15 @@ impl Upstreams {
     }
 
     /// Forwards `request` as `matched` says. `mount` is the client's prefix for the app (`/app@1`), `app_path`
-    /// the path the app would have seen (what the rule matched).
+    /// the path the app would have seen (what the rule matched), `client` who sent it (none for a request made in
+    /// process).
     pub(crate) async fn forward(
         &self,
         matched: &Matched<'_>,
         mount: &str,
         app_path: &str,
         mut request: Request,
+        client: Option<&ClientAddr>,
     ) -> Result<Response, Error> {
         let rule = matched.rule;
         let uri = rule
@@ -123,10 +126,7 @@ impl Upstreams {
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
         };
-        let client_ip = request
-            .extensions()
-            .get::<ClientAddr>()
-            .map(|client| client.forwarded_for.clone());
+        let client_ip = client.map(|client| client.forwarded_for.clone());
         let client_upgrade = websocket::is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
         let (parts, body) = request.into_parts();
 
