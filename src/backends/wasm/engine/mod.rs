@@ -2,13 +2,14 @@
 //!
 //! There is a single `wasmtime::Engine` so that compiled code, the pooling allocator's slots and the epoch
 //! counter are shared by every app. The pooling allocator is sized from `POOL_SIZE`, so an instance is a slot
-//! taken, not memory mapped, and memories start from copy-on-write images. One ticker thread advances the epoch;
-//! each store turns ticks into yields (so a busy guest cannot starve the others) and, past its deadline, a trap.
+//! taken, not memory mapped, and memories start from copy-on-write images. One ticker thread advances the epoch
+//! while instances are lent ([`ticker`]); each store turns ticks into yields (so a busy guest cannot starve the
+//! others) and, past its deadline, a trap.
 
 mod cache;
+mod ticker;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,8 @@ use wasmtime::{Config, Enabled, InstanceAllocationStrategy, PoolingAllocationCon
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 pub(crate) use cache::{default_cache_dir, Cache};
+use ticker::Ticker;
+pub(crate) use ticker::Ticking;
 
 use crate::backends::wasm::lanes::Lanes;
 use crate::backends::wasm::worker::WorkerState;
@@ -87,7 +90,7 @@ pub(crate) struct Engine {
     linker: Linker<WorkerState>,
     cache: Option<Cache>,
     pooling: bool,
-    stop_ticker: Arc<AtomicBool>,
+    ticker: Arc<Ticker>,
     lanes: Lanes,
 }
 
@@ -118,8 +121,7 @@ impl Engine {
             },
             None => None,
         };
-        let stop_ticker = Arc::new(AtomicBool::new(false));
-        spawn_ticker(wasmtime.clone(), stop_ticker.clone())
+        let ticker = Ticker::start(wasmtime.clone(), EPOCH_TICK)
             .map_err(|e| anyhow::anyhow!("cannot start the epoch ticker thread: {e}"))?;
         let threads = std::thread::available_parallelism().map_or(1, usize::from);
         let lanes = Lanes::new(threads).map_err(|e| anyhow::anyhow!("cannot start the guest threads: {e}"))?;
@@ -129,12 +131,17 @@ impl Engine {
             linker,
             cache,
             pooling,
-            stop_ticker,
+            ticker,
         })
     }
 
     pub(crate) fn wasmtime(&self) -> &wasmtime::Engine {
         &self.wasmtime
+    }
+
+    /// Keeps the epoch moving while it lives: taken for every instance lent, before its instantiation starts.
+    pub(crate) fn ticking(&self) -> Ticking {
+        self.ticker.ticking()
     }
 
     /// The executors guest code runs on.
@@ -171,7 +178,7 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        self.stop_ticker.store(true, Ordering::Relaxed);
+        self.ticker.stop();
     }
 }
 
@@ -206,19 +213,6 @@ fn config(pool_size: Option<usize>) -> Config {
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
     }
     config
-}
-
-/// Advances the epoch every [`EPOCH_TICK`] until the engine is dropped.
-fn spawn_ticker(engine: wasmtime::Engine, stop: Arc<AtomicBool>) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("marina-epoch".into())
-        .spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(EPOCH_TICK);
-                engine.increment_epoch();
-            }
-        })
-        .map(drop)
 }
 
 #[cfg(test)]

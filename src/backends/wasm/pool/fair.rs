@@ -106,7 +106,9 @@ impl Pool {
     /// `failed` is how the request it served went for the version's failure score (`None`: it served none).
     pub(super) fn put_back(&self, lease: Lease, healthy: bool, failed: Option<bool>) {
         let served = failed.is_some();
-        let Lease { worker, runtime, slot } = lease;
+        let Lease {
+            worker, runtime, slot, ..
+        } = lease;
         let now = Instant::now();
         worker
             .status

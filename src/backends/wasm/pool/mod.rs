@@ -45,7 +45,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::backends::wasm::engine::{Engine, LoadError};
+use crate::backends::wasm::engine::{Engine, LoadError, Ticking};
 use crate::backends::wasm::status::WorkerTable;
 use crate::backends::wasm::worker::{CallClock, Worker};
 
@@ -109,6 +109,8 @@ pub(crate) enum Outcome {
 pub(crate) struct Lease {
     pub(crate) worker: Worker,
     pub(crate) runtime: Arc<VersionRuntime>,
+    /// The epoch moves while a worker is lent, whatever thread runs it: its guest may compute.
+    _ticking: Ticking,
     // Declared last so it drops last: the instance is gone before its slot is reused.
     slot: Slot,
 }
@@ -271,6 +273,7 @@ impl Pool {
         Lease {
             worker: idle.worker,
             runtime: idle.runtime,
+            _ticking: self.engine.ticking(),
             slot: idle.slot,
         }
     }
@@ -291,6 +294,8 @@ impl Pool {
             .loaded(&self.engine)
             .await
             .map_err(|error| failed(StartError::Load(error)))?;
+        // Before instantiating: a component's start function is guest code too, and has the same deadline.
+        let ticking = self.engine.ticking();
         let worker = Worker::new(
             self.engine.wasmtime(),
             &loaded.pre,
@@ -313,6 +318,7 @@ impl Pool {
         Ok(Lease {
             worker,
             runtime: runtime.clone(),
+            _ticking: ticking,
             slot,
         })
     }
