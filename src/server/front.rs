@@ -59,6 +59,8 @@ impl Front {
                 limit: MAX_URI_BYTES,
             };
             (None, error.into_response())
+        } else if let Some(response) = internal::probe(&self.state, &method, path) {
+            (None, response)
         } else if path == "/_" || path.starts_with("/_/") {
             let routed = self.internal.clone().oneshot(request).await;
             (None, routed.unwrap_or_else(|never| match never {}))

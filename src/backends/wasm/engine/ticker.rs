@@ -4,8 +4,8 @@
 //! Guests yield and meet their deadlines at epoch ticks, so the epoch has to move while any instance is lent
 //! (instantiating, handling a request, streaming its body) — and only then: an idle instance runs no code. Ticking
 //! a thousand times a second regardless kept an idle server awake, and on a busy one each tick's wakeup
-//! preempted a serving thread that was not running a guest at all (a proxied request, a health check): about 3%
-//! more CPU per request, measured with the ticker slowed to once a second.
+//! preempted a serving thread that was not running a guest at all: 2 to 4% more CPU per proxied request or
+//! health check, measured against the ticker slowed to once a second.
 //!
 //! Every lent instance holds a [`Ticking`] guard. The guards are counted in a counter per serving core, so
 //! lending and giving back touches no cache line shared with the other cores (a guard taken on one thread and
