@@ -187,8 +187,8 @@ impl Connection {
             async move {
                 let (response, timer) = front.answer(request.map(Body::new), Some(&client)).await;
                 // The request stays in progress, and its timer runs, until hyper drops its body: sent to the end, or
-                // abandoned.
-                Ok::<_, Infallible>(response.map(|body| Guarded::new(body, (in_flight, timer))))
+                // abandoned. The latency is recorded before the connection counts the request finished.
+                Ok::<_, Infallible>(response.map(|body| Guarded::new(body, (timer, in_flight))))
             }
         });
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
