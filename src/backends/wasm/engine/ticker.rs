@@ -8,9 +8,11 @@
 //! health check, measured against the ticker slowed to once a second.
 //!
 //! Every lent instance holds a [`Ticking`] guard. The guards are counted in a counter per serving core, so
-//! lending and giving back touches no cache line shared with the other cores (a guard taken on one thread and
-//! dropped on another just leaves one counter above and one below zero: only the sum means anything). The ticker
-//! sums them at every tick; after [`IDLE_TICKS`] ticks with none, it sleeps until the next guard wakes it.
+//! lending and giving back touches no cache line shared with the other cores. A guard is taken off the counter it
+//! was added to, even when it is dropped on another thread (a call that moved to a guest lane): were it taken off
+//! its new thread's, a sum read while it moved could miss a guard that lived throughout, and the ticker would
+//! sleep under a guest it should interrupt. The ticker sums them at every tick; after [`IDLE_TICKS`] ticks with
+//! none, it sleeps until the next guard wakes it.
 
 use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -40,6 +42,8 @@ pub(crate) struct Ticker {
 /// lending until it is given back.
 pub(crate) struct Ticking {
     ticker: Arc<Ticker>,
+    /// The counter it was added to.
+    shard: usize,
 }
 
 impl Ticker {
@@ -63,14 +67,18 @@ impl Ticker {
 
     /// A guard that keeps the ticker awake until it is dropped.
     pub(crate) fn ticking(self: &Arc<Self>) -> Ticking {
-        self.shard().fetch_add(1, Ordering::SeqCst);
+        let shard = crate::core_local::slot(self.lent.len());
+        self.lent[shard].0.fetch_add(1, Ordering::SeqCst);
         // Paired with the ticker's store of `sleeping` before its last look at the counters: either it sees this
         // guard and stays awake, or this sees it going to sleep and wakes it (an unpark before its park makes the
         // park return at once).
         if self.sleeping.load(Ordering::SeqCst) {
             self.wake();
         }
-        Ticking { ticker: self.clone() }
+        Ticking {
+            ticker: self.clone(),
+            shard,
+        }
     }
 
     /// Ends the ticker thread.
@@ -85,10 +93,7 @@ impl Ticker {
         self.sleeping.load(Ordering::SeqCst)
     }
 
-    fn shard(&self) -> &AtomicIsize {
-        &self.lent[crate::core_local::slot(self.lent.len())].0
-    }
-
+    /// Every counter is at least zero, and a guard that lives throughout the reading is in it.
     fn lent(&self) -> isize {
         self.lent.iter().map(|shard| shard.0.load(Ordering::SeqCst)).sum()
     }
@@ -121,7 +126,7 @@ impl Ticker {
 
 impl Drop for Ticking {
     fn drop(&mut self) {
-        self.ticker.shard().fetch_sub(1, Ordering::SeqCst);
+        self.ticker.lent[self.shard].0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -139,18 +144,24 @@ mod tests {
     }
 
     #[test]
-    fn the_ticker_sleeps_with_nothing_lent_and_ticks_while_a_guard_lives() {
+    fn the_ticker_sleeps_with_nothing_lent_and_stays_awake_while_a_guard_lives_wherever_it_is_dropped() {
         let engine = wasmtime::Engine::new(wasmtime::Config::new().epoch_interruption(true)).unwrap();
         let ticker = Ticker::start(engine, Duration::from_millis(1)).unwrap();
         eventually("the ticker sleeps with nothing lent", || ticker.is_sleeping());
 
-        // Dropped on another thread than the one that took it, as a call moved to a guest lane does.
+        // Dropped on another thread than the one that took it, as a call moved to a guest lane does: it comes off
+        // the counter it went on, so no counter goes below zero.
         let guard = ticker.ticking();
         eventually("a guard wakes the ticker", || !ticker.is_sleeping());
         std::thread::sleep(Duration::from_millis(50));
         assert!(!ticker.is_sleeping(), "the ticker slept while a guard lived");
-        std::thread::spawn(move || drop(guard)).join().unwrap();
-        assert_eq!(ticker.lent(), 0);
+        std::thread::spawn(move || {
+            crate::core_local::enter(0);
+            drop(guard)
+        })
+        .join()
+        .unwrap();
+        assert!(ticker.lent.iter().all(|shard| shard.0.load(Ordering::SeqCst) == 0));
         eventually("the ticker sleeps again once the guard is gone", || {
             ticker.is_sleeping()
         });
