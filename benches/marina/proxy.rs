@@ -216,7 +216,15 @@ pub fn main() {
         shared.stop().await;
         floor_task.abort();
         if let Some((mut child, _)) = nginx {
-            let _ = child.kill();
+            // SIGTERM, not `kill()`'s SIGKILL: nginx's master stops its workers on the way out, and a master killed
+            // outright leaves them running, and listening, after the bench (and after every test run's smoke).
+            let stopped = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .is_ok_and(|status| status.success());
+            if !stopped {
+                let _ = child.kill();
+            }
             let _ = child.wait();
         }
     });
