@@ -59,11 +59,15 @@ impl Front {
                 limit: MAX_URI_BYTES,
             };
             (None, error.into_response())
-        } else if let Some(response) = internal::probe(&self.state, &method, path) {
-            (None, response)
         } else if path == "/_" || path.starts_with("/_/") {
-            let routed = self.internal.clone().oneshot(request).await;
-            (None, routed.unwrap_or_else(|never| match never {}))
+            let response = match internal::probe(&self.state, &method, path) {
+                Some(response) => response,
+                None => {
+                    let routed = self.internal.clone().oneshot(request).await;
+                    routed.unwrap_or_else(|never| match never {})
+                }
+            };
+            (None, response)
         } else {
             let (served, response) = apps::handle(&self.state, request, client, start).await;
             (Some(served), response)

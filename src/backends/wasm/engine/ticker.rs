@@ -7,12 +7,13 @@
 //! preempted a serving thread that was not running a guest at all: 2 to 4% more CPU per proxied request or
 //! health check, measured against the ticker slowed to once a second.
 //!
-//! Every lent instance holds a [`Ticking`] guard. The guards are counted in a counter per serving core, so
-//! lending and giving back touches no cache line shared with the other cores. A guard is taken off the counter it
-//! was added to, even when it is dropped on another thread (a call that moved to a guest lane): were it taken off
-//! its new thread's, a sum read while it moved could miss a guard that lived throughout, and the ticker would
-//! sleep under a guest it should interrupt. The ticker sums them at every tick; after [`IDLE_TICKS`] ticks with
-//! none, it sleeps until the next guard wakes it.
+//! Every lent instance holds a [`Ticking`] guard. The guards are counted in a counter per serving core, and a
+//! guard holds its counter itself (an `Arc` per core, whose reference counts sit beside the counter in an
+//! allocation of its own), so lending and giving back touches no cache line shared with the other cores. A guard
+//! is taken off the counter it was added to, even when it is dropped on another thread (a call that moved to a
+//! guest lane): were it taken off its new thread's, a sum read while it moved could miss a guard that lived
+//! throughout, and the ticker would sleep under a guest it should interrupt. The ticker sums the counters at every
+//! tick; after [`IDLE_TICKS`] ticks with none lent, it sleeps until the next guard wakes it.
 
 use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -23,15 +24,16 @@ use std::time::Duration;
 /// at more it stays awake rather than being woken for every one.
 const IDLE_TICKS: u32 = 10;
 
-/// A counter alone on its cache line, so that two cores' counters do not share one.
+/// A counter alone on its cache line, so that two cores' counters, and their `Arc`s' reference counts, never share
+/// one.
 #[repr(align(128))]
 #[derive(Default)]
 struct Shard(AtomicIsize);
 
-/// What the ticker thread and the guards share.
+/// What the ticker thread and the engine, which takes the guards, share.
 pub(crate) struct Ticker {
     /// Guards taken minus guards dropped, per serving core (and one slot for every other thread).
-    lent: Box<[Shard]>,
+    lent: Box<[Arc<Shard>]>,
     /// Set while the ticker sleeps or is about to: a new guard then wakes it.
     sleeping: AtomicBool,
     stop: AtomicBool,
@@ -41,9 +43,8 @@ pub(crate) struct Ticker {
 /// Keeps the epoch moving while it lives: held by each lent instance, from the start of its instantiation or its
 /// lending until it is given back.
 pub(crate) struct Ticking {
-    ticker: Arc<Ticker>,
     /// The counter it was added to.
-    shard: usize,
+    shard: Arc<Shard>,
 }
 
 impl Ticker {
@@ -51,7 +52,7 @@ impl Ticker {
     pub(crate) fn start(engine: wasmtime::Engine, tick: Duration) -> std::io::Result<Arc<Ticker>> {
         let ticker = Arc::new(Ticker {
             lent: (0..=crate::core_local::default_count())
-                .map(|_| Shard::default())
+                .map(|_| Arc::default())
                 .collect(),
             sleeping: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -66,19 +67,16 @@ impl Ticker {
     }
 
     /// A guard that keeps the ticker awake until it is dropped.
-    pub(crate) fn ticking(self: &Arc<Self>) -> Ticking {
-        let shard = crate::core_local::slot(self.lent.len());
-        self.lent[shard].0.fetch_add(1, Ordering::SeqCst);
+    pub(crate) fn ticking(&self) -> Ticking {
+        let shard = self.lent[crate::core_local::slot(self.lent.len())].clone();
+        shard.0.fetch_add(1, Ordering::SeqCst);
         // Paired with the ticker's store of `sleeping` before its last look at the counters: either it sees this
         // guard and stays awake, or this sees it going to sleep and wakes it (an unpark before its park makes the
         // park return at once).
         if self.sleeping.load(Ordering::SeqCst) {
             self.wake();
         }
-        Ticking {
-            ticker: self.clone(),
-            shard,
-        }
+        Ticking { shard }
     }
 
     /// Ends the ticker thread.
@@ -126,7 +124,7 @@ impl Ticker {
 
 impl Drop for Ticking {
     fn drop(&mut self) {
-        self.ticker.lent[self.shard].0.fetch_sub(1, Ordering::SeqCst);
+        self.shard.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
