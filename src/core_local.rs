@@ -1,5 +1,6 @@
-//! Which serving core the running thread is, so that state kept per core (the upstream connection pool) is
-//! looked up without a lock shared with the other cores.
+//! Which serving core the running thread is, so that state kept per core (the upstream connection pool, the
+//! request counters, the route cache, the epoch ticker's counters) is looked up without a lock or a cache line
+//! shared with the other cores.
 //!
 //! A serving core is a thread running a `current_thread` runtime of its own (see `server::cores`): a connection,
 //! its tasks and the sockets it opens are polled by that thread's I/O driver and no other. A socket opened on one
@@ -8,6 +9,7 @@
 //! front) have no index and share one slot.
 
 use std::cell::Cell;
+use std::ops::Deref;
 
 thread_local! {
     static CORE: Cell<Option<usize>> = const { Cell::new(None) };
@@ -35,6 +37,54 @@ pub(crate) fn slot(slots: usize) -> usize {
     match current() {
         Some(core) if slots > 1 => core % (slots - 1),
         _ => slots - 1,
+    }
+}
+
+/// A value alone on its cache lines (two of them: x86 prefetches lines in adjacent pairs), so that what one core
+/// writes there never invalidates a line another core is using.
+#[repr(align(128))]
+#[derive(Debug, Default)]
+pub(crate) struct Padded<T>(pub(crate) T);
+
+impl<T> Deref for Padded<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// One `T` per serving core of the default count, and one for every other thread ([`slot`]'s layout).
+///
+/// A request on a serving core writes only its core's value, so that the writes of a request on one core never
+/// take a cache line from the other: measured on the 2-core machine, an atomic add to a line both cores write
+/// costs about four times one to a line of its own. Readers that want the whole picture sum [`PerCore::iter`].
+pub(crate) struct PerCore<T> {
+    slots: Box<[Padded<T>]>,
+}
+
+impl<T> PerCore<T> {
+    /// Each slot made by `make`.
+    pub(crate) fn new(mut make: impl FnMut() -> T) -> PerCore<T> {
+        PerCore {
+            slots: (0..=default_count()).map(|_| Padded(make())).collect(),
+        }
+    }
+
+    /// The running thread's value.
+    pub(crate) fn local(&self) -> &T {
+        &self.slots[slot(self.slots.len())]
+    }
+
+    /// Every slot's value.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &T> {
+        self.slots.iter().map(|padded| &padded.0)
+    }
+}
+
+impl<T: Default> Default for PerCore<T> {
+    fn default() -> Self {
+        PerCore::new(T::default)
     }
 }
 

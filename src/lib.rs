@@ -21,7 +21,7 @@
 //!    apps and versions (scan, semver resolution, hot reload). It knows nothing of HTTP responses.
 //! 8. `negotiate`, `log_fields`, `guarded_body` and `core_local`: reading weighted header lists (`Accept`,
 //!    `Accept-Encoding`), how values are written in log lines, a response body that holds a guard, and which
-//!    serving core the running thread is; any layer may use them.
+//!    serving core the running thread is (with the state kept per core); any layer may use them.
 
 pub mod backends;
 pub mod cli;

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use regex::Regex;
 
@@ -55,8 +56,10 @@ impl Target {
         format!("{}://{}", self.scheme, self.authority)
     }
 
-    /// The URL for `path` (which starts with `/`) and `query` on this target.
-    pub(crate) fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+    /// What is forwarded for `path` (which starts with `/`) and `query`: the target's path prefix, then both. A
+    /// plain-HTTP upstream is sent only this (origin-form), so no absolute URL is built for it, nor the target's
+    /// authority cloned: its reference count is shared by every core.
+    pub(crate) fn path_and_query(&self, path: &str, query: Option<&str>) -> Result<PathAndQuery, http::Error> {
         let query_len = query.map_or(0, |query| query.len() + 1);
         let mut path_and_query = String::with_capacity(self.prefix.len() + path.len() + query_len);
         path_and_query.push_str(&self.prefix);
@@ -65,10 +68,15 @@ impl Target {
             path_and_query.push('?');
             path_and_query.push_str(query);
         }
+        Ok(PathAndQuery::try_from(path_and_query)?)
+    }
+
+    /// `path_and_query` on this target, as an absolute URL.
+    pub(crate) fn absolute(&self, path_and_query: PathAndQuery) -> Result<Uri, http::Error> {
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(self.scheme.clone());
         parts.authority = Some(self.authority.clone());
-        parts.path_and_query = Some(http::uri::PathAndQuery::try_from(path_and_query)?);
+        parts.path_and_query = Some(path_and_query);
         Ok(Uri::from_parts(parts)?)
     }
 }
@@ -330,7 +338,11 @@ mod tests {
         let matched = rules.find("/x/users").unwrap();
         assert_eq!(matched.path, "/x/users");
         assert_eq!(
-            matched.rule.target.uri(&matched.path, Some("q=1")).unwrap(),
+            matched
+                .rule
+                .target
+                .absolute(matched.rule.target.path_and_query(&matched.path, Some("q=1")).unwrap())
+                .unwrap(),
             "http://a/base/x/users?q=1"
         );
         assert!(rules.find("/other").is_none());

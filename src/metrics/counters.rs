@@ -1,19 +1,22 @@
 //! Request counters per app version: what the dispatcher and the front door bump on every request.
 //!
-//! Each deployed version that served a request has an [`AppStats`] (status codes and a latency histogram, all
-//! atomics), found through [`Apps`], a copy-on-write table that requests read without a lock. Requests that named
-//! no deployed app share one set of counters, and versions no longer deployed are folded into another, so the
-//! totals never go down and the table does not grow with every version ever deployed.
+//! Each deployed version that served a request has an [`AppStats`], found through [`Apps`], a copy-on-write table
+//! that requests read without a lock. Its counters (status codes and a latency histogram, all atomics) are kept
+//! per serving core, in a [`CoreStats`] that a core makes on its first request for the version: a request counts
+//! on its own core's, so two cores serving one app never write the same cache line, and a reading sums them.
+//! Requests that named no deployed app share one set of counters, and versions no longer deployed are folded
+//! into another, so the totals never go down and the table does not grow with every version ever deployed.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::StatusCode;
 
 use super::histogram::{Counts, Histogram};
+use crate::core_local::PerCore;
 
 /// The `version` under which versions that are no longer deployed keep counting toward the totals.
 pub(crate) const RETIRED: &str = "retired";
@@ -25,18 +28,20 @@ pub(crate) const CLIENT_CLOSED: u16 = 499;
 const STATUS_CODES: usize = 500;
 
 /// The app version a response came from (the unrouted counters when it named none), handed back by the dispatcher
-/// beside the response for the access log and [`super::Metrics::observe`].
+/// beside the response for the access log and [`super::Metrics::observe`]. It holds the counters of the core the
+/// request arrived on: its reference count, like its counts, is written by that core alone.
 #[derive(Clone)]
 pub(crate) struct Served {
-    pub(crate) stats: Arc<AppStats>,
+    pub(crate) stats: Arc<CoreStats>,
 }
 
-/// One app version's request counters.
+/// One app version's request counters: a [`CoreStats`] for each serving core that has served it.
 pub(crate) struct AppStats {
-    pub(crate) app: String,
-    pub(crate) version: String,
-    statuses: Box<[AtomicU64]>,
-    latency: Histogram,
+    app: String,
+    version: String,
+    /// Made by each core on its first request for the version, so that a thousand versions each served once cost
+    /// one set of counters each, not one per core.
+    cores: PerCore<OnceLock<Arc<CoreStats>>>,
 }
 
 impl AppStats {
@@ -44,7 +49,68 @@ impl AppStats {
         AppStats {
             app,
             version,
-            statuses: (0..STATUS_CODES).map(|_| AtomicU64::new(0)).collect(),
+            cores: PerCore::new(OnceLock::new),
+        }
+    }
+
+    /// The running core's counters for this version.
+    pub(super) fn on_this_core(&self) -> &Arc<CoreStats> {
+        self.cores
+            .local()
+            .get_or_init(|| Arc::new(CoreStats::new(self.app.clone(), self.version.clone())))
+    }
+
+    /// Adds another version's counts to these.
+    fn absorb(&self, reading: &AppReading) {
+        let counters = self.on_this_core();
+        for (status, count) in &reading.statuses {
+            counters.statuses[usize::from(status - 100)].fetch_add(*count, Ordering::Relaxed);
+        }
+        counters.latency.absorb(&reading.latency);
+    }
+
+    /// Every core's counts, summed.
+    fn read(&self) -> AppReading {
+        let mut statuses = [0u64; STATUS_CODES];
+        let mut latency = Counts::default();
+        for counters in self.cores.iter().filter_map(OnceLock::get) {
+            for (sum, count) in statuses.iter_mut().zip(&counters.statuses) {
+                *sum += count.load(Ordering::Relaxed);
+            }
+            latency.add(&counters.latency.counts());
+        }
+        let statuses = statuses
+            .iter()
+            .enumerate()
+            .filter(|(_, count)| **count > 0)
+            .map(|(i, count)| (i as u16 + 100, *count))
+            .collect();
+        AppReading {
+            app: self.app.clone(),
+            version: self.version.clone(),
+            statuses,
+            latency,
+            cpu: Duration::ZERO,
+        }
+    }
+}
+
+/// What one serving core counts for one app version. Aligned, so that the allocation holding it (and its `Arc`'s
+/// reference counts) shares no cache line with another core's.
+#[repr(align(128))]
+pub(crate) struct CoreStats {
+    pub(crate) app: String,
+    pub(crate) version: String,
+    statuses: [AtomicU64; STATUS_CODES],
+    latency: Histogram,
+}
+
+impl CoreStats {
+    fn new(app: String, version: String) -> CoreStats {
+        CoreStats {
+            app,
+            version,
+            statuses: std::array::from_fn(|_| AtomicU64::new(0)),
             latency: Histogram::default(),
         }
     }
@@ -58,33 +124,6 @@ impl AppStats {
     /// Records one request's latency.
     pub(super) fn record(&self, elapsed: Duration) {
         self.latency.record(elapsed);
-    }
-
-    /// Adds another version's counts to these.
-    fn absorb(&self, reading: &AppReading) {
-        for (status, count) in &reading.statuses {
-            self.statuses[usize::from(status - 100)].fetch_add(*count, Ordering::Relaxed);
-        }
-        self.latency.absorb(&reading.latency);
-    }
-
-    fn read(&self) -> AppReading {
-        let statuses = self
-            .statuses
-            .iter()
-            .enumerate()
-            .filter_map(|(i, count)| {
-                let count = count.load(Ordering::Relaxed);
-                (count > 0).then(|| (i as u16 + 100, count))
-            })
-            .collect();
-        AppReading {
-            app: self.app.clone(),
-            version: self.version.clone(),
-            statuses,
-            latency: self.latency.counts(),
-            cpu: Duration::ZERO,
-        }
     }
 }
 
@@ -147,11 +186,17 @@ impl Apps {
         }
     }
 
-    /// The counters of one app version, made on its first request. Lock-free once made.
-    pub(super) fn get(&self, app: &str, version: &semver::Version) -> Arc<AppStats> {
+    /// The running core's counters of one app version, made on its first request. Lock-free once made.
+    pub(super) fn get(&self, app: &str, version: &semver::Version) -> Arc<CoreStats> {
+        // Borrowed from the table, not cloned: the version's own reference count is shared by every core.
         if let Some(stats) = self.table.load().get(app).and_then(|versions| versions.get(version)) {
-            return stats.clone();
+            return stats.on_this_core().clone();
         }
+        self.add(app, version).on_this_core().clone()
+    }
+
+    /// The version's counters, added to the table unless another request added them first.
+    fn add(&self, app: &str, version: &semver::Version) -> Arc<AppStats> {
         let _adding = self.adding.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.table.load_full();
         if let Some(stats) = current.get(app).and_then(|versions| versions.get(version)) {
@@ -167,9 +212,9 @@ impl Apps {
         stats
     }
 
-    /// The counters of requests that named no deployed app.
-    pub(super) fn unrouted(&self) -> Arc<AppStats> {
-        self.unrouted.clone()
+    /// The running core's counters of requests that named no deployed app.
+    pub(super) fn unrouted(&self) -> Arc<CoreStats> {
+        self.unrouted.on_this_core().clone()
     }
 
     /// Every version's counters, sorted by (app, version), then the retired and the unrouted ones; each with the
@@ -249,14 +294,14 @@ impl Retiring<'_> {
 /// A request to an app that has not been answered yet; see [`super::Metrics::in_flight`].
 pub(crate) struct InFlight<'a> {
     /// `None` once answered, or when requests are not counted.
-    stats: Option<&'a AppStats>,
+    stats: Option<&'a CoreStats>,
     start: Instant,
 }
 
 impl<'a> InFlight<'a> {
     /// Marks a request as in flight: counted with [`CLIENT_CLOSED`] if dropped before it is answered. `stats` is
     /// `None` when requests are not counted.
-    pub(super) fn new(stats: Option<&'a AppStats>, start: Instant) -> InFlight<'a> {
+    pub(super) fn new(stats: Option<&'a CoreStats>, start: Instant) -> InFlight<'a> {
         InFlight { stats, start }
     }
 

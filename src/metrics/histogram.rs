@@ -35,16 +35,17 @@ const fn bounds() -> [u64; BOUNDS] {
     bounds
 }
 
-/// A histogram that many threads record into at once.
+/// A histogram that many threads record into at once. The buckets are inline, so a histogram kept per serving
+/// core is part of its core's allocation, not a second one that may sit beside another core's.
 pub(crate) struct Histogram {
-    buckets: Box<[AtomicU64]>,
+    buckets: [AtomicU64; BUCKETS],
     sum_ns: AtomicU64,
 }
 
 impl Default for Histogram {
     fn default() -> Self {
         Histogram {
-            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
             sum_ns: AtomicU64::new(0),
         }
     }

@@ -2,9 +2,10 @@
 //!
 //! How the parts fit, one file each:
 //!
-//! - `counters.rs`: requests are counted per app version (status codes and a latency histogram, all atomics,
-//!   found through a lock-free table); a request is in flight until answered, and counted 499 if its client goes
-//!   first. The pool keeps its own counters, and each worker carries its status: the metrics only read those.
+//! - `counters.rs`: requests are counted per app version and serving core (status codes and a latency histogram,
+//!   all atomics, found through a lock-free table); a request is in flight until answered, and counted 499 if its
+//!   client goes first. The pool keeps its own counters, and each worker carries its status: the metrics only
+//!   read those.
 //! - `timed.rs`: a response's latency runs to the end of its body.
 //! - `window.rs`: once a second the sampler keeps the running totals, so rates and percentiles cover the last
 //!   [`WINDOW`] rather than the server's whole life.
@@ -37,7 +38,7 @@ use crate::backends::wasm::pool::Pool;
 pub(crate) use broadcast::Update;
 use counters::Apps;
 pub(crate) use counters::{AppReading, InFlight, RETIRED};
-pub(crate) use counters::{AppStats, Served};
+pub(crate) use counters::{CoreStats, Served};
 pub(crate) use snapshot::Snapshot;
 pub(crate) use timed::Timer;
 pub use window::WINDOW;
@@ -70,19 +71,19 @@ impl Metrics {
         }
     }
 
-    /// The counters of one app version, made on its first request. Lock-free once made.
-    pub(crate) fn app(&self, app: &str, version: &semver::Version) -> Arc<AppStats> {
+    /// The running core's counters of one app version, made on its first request. Lock-free once made.
+    pub(crate) fn app(&self, app: &str, version: &semver::Version) -> Arc<CoreStats> {
         self.apps.get(app, version)
     }
 
-    /// The counters of requests that named no deployed app.
-    pub(crate) fn unrouted(&self) -> Arc<AppStats> {
+    /// The running core's counters of requests that named no deployed app.
+    pub(crate) fn unrouted(&self) -> Arc<CoreStats> {
         self.apps.unrouted()
     }
 
     /// Marks a request to an app as in flight: if it is dropped before it is answered (the client went away), it
     /// is counted with status 499 and timed to that moment (unless requests are not counted).
-    pub(crate) fn in_flight<'a>(&self, stats: &'a AppStats, start: Instant) -> InFlight<'a> {
+    pub(crate) fn in_flight<'a>(&self, stats: &'a CoreStats, start: Instant) -> InFlight<'a> {
         InFlight::new(self.requests_on.then_some(stats), start)
     }
 
@@ -201,7 +202,7 @@ mod tests {
         Metrics::new(Arc::new(Pool::new(engine, 1, 0)), true)
     }
 
-    fn count(stats: &AppStats, n: usize) {
+    fn count(stats: &CoreStats, n: usize) {
         for _ in 0..n {
             stats.count(StatusCode::OK);
             stats.record(Duration::from_millis(1));

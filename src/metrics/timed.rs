@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use axum::body::Body;
 
-use super::counters::AppStats;
+use super::counters::CoreStats;
 use crate::guarded_body::Guarded;
 
 /// Records its request's latency when dropped, which happens when the response body it guards is done with: sent
@@ -14,7 +14,7 @@ use crate::guarded_body::Guarded;
 /// wrapper it puts around every response body, so timing a request costs no allocation of its own.
 pub(crate) struct Timer {
     start: Instant,
-    stats: Arc<AppStats>,
+    stats: Arc<CoreStats>,
 }
 
 impl Drop for Timer {
@@ -24,7 +24,7 @@ impl Drop for Timer {
 }
 
 impl Timer {
-    pub(super) fn new(start: Instant, stats: Arc<AppStats>) -> Timer {
+    pub(super) fn new(start: Instant, stats: Arc<CoreStats>) -> Timer {
         Timer { start, stats }
     }
 

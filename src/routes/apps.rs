@@ -1,7 +1,8 @@
 //! Requests for apps: split `/<app>[@<spec>]/rest`, resolve the version, and hand the rest to what serves it.
 //!
-//! Everything that is not an internal `/_/` route lands here. The version is resolved once, from one snapshot,
-//! and held (an `Arc`) for the whole request, so a reload or removal mid-request cannot change what serves it.
+//! Everything that is not an internal `/_/` route lands here. The version is resolved once, from one snapshot (or
+//! taken from the core's [`route_cache`](super::route_cache), which holds what it resolved to), and held for the
+//! whole request, so a reload or removal mid-request cannot change what serves it.
 
 use std::time::Instant;
 
@@ -11,10 +12,11 @@ use axum::response::{IntoResponse, Response};
 
 use crate::backends::proxy::ClientAddr;
 use crate::backends::static_files;
-use crate::deploy::registry::{AppKind, Resolved};
+use crate::deploy::registry::AppKind;
 use crate::error::Error;
 use crate::metrics::Served;
 use crate::routes::lifecycle::Phase;
+use crate::routes::route_cache::Route;
 use crate::routes::AppState;
 
 /// The request header that tells an app the prefix it was reached under, e.g. `/hello@1`.
@@ -55,18 +57,15 @@ async fn route(
         let error = Error::NoRoute("name an app in the path: /<app>[@<version>]/...".into());
         return (unrouted(), Err(error));
     }
-    let resolved = match state.registry.snapshot().resolve(segment) {
-        Ok(resolved) => resolved,
+    let route = match state.route_cache.resolve(&state.registry, &state.metrics, segment) {
+        Ok(route) => route,
         Err(error) => return (unrouted(), Err(error.into())),
     };
-    let served = Served {
-        stats: state.metrics.app(&resolved.app.name, &resolved.version.version),
-    };
+    let served = route.served.clone();
     // `/app@1`: what the client put before the app's own path.
     let mount = &path[..path.len() - rest.len()];
     let target = Target {
-        resolved: &resolved,
-        served: &served,
+        route: &route,
         mount,
         rest,
         client,
@@ -80,8 +79,7 @@ async fn route(
 
 /// Where a request for an app goes, as the router found it.
 struct Target<'a> {
-    resolved: &'a Resolved,
-    served: &'a Served,
+    route: &'a Route,
     /// What the client put before the app's own path (`/app@1`).
     mount: &'a str,
     /// The app's own path, empty for `/app@1`.
@@ -91,19 +89,19 @@ struct Target<'a> {
 
 async fn serve(state: &AppState, target: Target<'_>, request: Request, arrived: Instant) -> Result<Response, Error> {
     let Target {
-        resolved,
-        served,
+        route,
         mount,
         rest,
         client,
     } = target;
+    let resolved = &route.resolved;
     let version = &resolved.version;
     let deployment = version.deployment.as_ref().map_err(|reason| Error::InvalidVersion {
         app: resolved.app.name.clone(),
         version: version.version.to_string(),
         reason: reason.clone(),
     })?;
-    let runtime = || state.pool.runtime(&served.stats.app, &served.stats.version, deployment);
+    let runtime = || route.runtime(&state.pool, deployment);
     // The host's health check is GET or HEAD only: an app may serve other methods on its own `/health`.
     let host_health = rest == "/health" && matches!(*request.method(), Method::GET | Method::HEAD);
     if host_health {

@@ -4,6 +4,7 @@
 pub mod apps;
 pub(crate) mod internal;
 pub mod lifecycle;
+mod route_cache;
 pub mod sse;
 
 use std::path::PathBuf;
@@ -15,6 +16,7 @@ use crate::backends::wasm::pool::Pool;
 use crate::deploy::registry::Registry;
 use crate::metrics::Metrics;
 use lifecycle::Lifecycle;
+use route_cache::RouteCache;
 
 /// What every handler shares: cheap to clone.
 #[derive(Clone)]
@@ -24,6 +26,8 @@ pub struct AppState {
     pub(crate) pool: Arc<Pool>,
     pub(crate) upstreams: Arc<Upstreams>,
     pub(crate) metrics: Arc<Metrics>,
+    /// Per serving core, the versions that first path segments resolved to.
+    pub(crate) route_cache: Arc<RouteCache>,
 }
 
 impl AppState {
@@ -46,6 +50,7 @@ impl AppState {
             metrics: Arc::new(Metrics::new(pool.clone(), request_metrics)),
             pool,
             upstreams: Arc::new(Upstreams::new()),
+            route_cache: Arc::default(),
         })
     }
 

@@ -34,6 +34,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 
 use crate::backends::proxy::ClientAddr;
+use crate::core_local::{Padded, PerCore};
 use crate::guarded_body::Guarded;
 use crate::routes::AppState;
 use crate::server::cores::Cores;
@@ -84,7 +85,9 @@ pub(crate) async fn run(
     timeouts: Timeouts,
     serving_cores: usize,
 ) -> std::io::Result<()> {
-    let front = Arc::new(Front::new(state.clone()));
+    // A front per serving core: each request clones its core's (a reference count no other core writes).
+    let front = Front::new(state.clone());
+    let fronts = Arc::new(PerCore::new(|| Arc::new(Padded(front.clone()))));
     let cores = Cores::start(serving_cores)?;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -124,7 +127,7 @@ pub(crate) async fn run(
         // Subscribed here, before the connection is handed on, so that a drain signalled meanwhile is not missed.
         let draining = drain.subscribe();
         let connection = Connection {
-            front: front.clone(),
+            fronts: fronts.clone(),
             builder: builder.clone(),
             timeouts,
             peer,
@@ -158,7 +161,8 @@ pub(crate) async fn run(
 
 /// An accepted connection and what serving it takes.
 struct Connection {
-    front: Arc<Front>,
+    /// One per serving core; the connection takes its own core's.
+    fronts: Arc<PerCore<Arc<Padded<Front>>>>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     timeouts: Timeouts,
     peer: SocketAddr,
@@ -171,13 +175,16 @@ impl Connection {
     /// Serves HTTP on `stream` until the connection ends, its watchdog closes it, or the drain has finished it.
     async fn serve(self, stream: TcpStream) {
         let Connection {
-            front,
+            fronts,
             builder,
             timeouts,
             peer,
             mut draining,
             permit,
         } = self;
+        // This runs on the connection's core.
+        let front = fronts.local().clone();
+        drop(fronts);
         let activity = Arc::new(Activity::default());
         let mut watchdog = Watchdog::new(activity.clone(), timeouts);
         let client = ClientAddr::new(peer);

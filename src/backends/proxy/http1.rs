@@ -27,6 +27,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::{CONNECT_TIMEOUT, POOL_IDLE_TIMEOUT, POOL_MAX_IDLE_PER_HOST};
+use crate::core_local::{Padded, PerCore};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -67,41 +68,67 @@ const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 ///
 /// A connection is polled by the I/O driver of the core that opened it, so it is only lent to requests on that
 /// core (see [`crate::core_local`]): used from another, each of its reads would wait for the owning core to turn
-/// its driver. One lock per core also keeps the cores from contending for the lists.
+/// its driver. One lock per core also keeps the cores from contending for the lists, and what a response body
+/// holds to give its connection back (the core's lists, the core's copy of the authority) is written by that core
+/// alone: the pool itself and the rule's authority are shared by every core, and cloning either for each request
+/// wrote their reference counts from both.
+#[derive(Default)]
 pub(crate) struct Http1Pool {
-    shards: Box<[Mutex<IdleLists>]>,
+    cores: PerCore<Arc<CoreLists>>,
 }
+
+/// One core's idle lists, on cache lines of their own.
+type CoreLists = Padded<Mutex<IdleLists>>;
 
 struct IdleLists {
     /// Hashed with foldhash: every request looks its upstream up here twice, the keys come from configs rather than
     /// clients, and SipHash over an authority (hashed a byte at a time, case-folded) cost more than the list work.
-    by_authority: HashMap<Authority, Vec<Idle>, foldhash::fast::RandomState>,
+    by_authority: HashMap<Authority, Upstream, foldhash::fast::RandomState>,
     swept: Instant,
 }
 
-impl Default for Http1Pool {
-    /// A shard per CPU (the default number of serving cores), and one for threads that are no serving core.
+impl Default for IdleLists {
     fn default() -> Self {
-        let shards = (0..=crate::core_local::default_count())
-            .map(|_| {
-                Mutex::new(IdleLists {
-                    by_authority: HashMap::default(),
-                    swept: Instant::now(),
-                })
-            })
-            .collect();
-        Http1Pool { shards }
+        IdleLists {
+            by_authority: HashMap::default(),
+            swept: Instant::now(),
+        }
     }
+}
+
+/// One upstream's idle connections on one core.
+struct Upstream {
+    /// The core's own copy of the authority, which its response bodies clone.
+    authority: Authority,
+    idle: Vec<Idle>,
 }
 
 impl IdleLists {
     /// Drops every connection idle for longer than [`POOL_IDLE_TIMEOUT`] at `now`, and the lists left empty.
     fn sweep(&mut self, now: Instant) {
-        self.by_authority.retain(|_, list| {
-            list.retain(|entry| now.saturating_duration_since(entry.since) <= POOL_IDLE_TIMEOUT);
-            !list.is_empty()
+        self.by_authority.retain(|_, upstream| {
+            upstream
+                .idle
+                .retain(|entry| now.saturating_duration_since(entry.since) <= POOL_IDLE_TIMEOUT);
+            !upstream.idle.is_empty()
         });
         self.swept = now;
+    }
+
+    /// `authority`'s list, made (with a copy of the authority that this core alone clones) if there is none.
+    fn upstream(&mut self, authority: &Authority) -> &mut Upstream {
+        if !self.by_authority.contains_key(authority) {
+            let own = Authority::from_maybe_shared(bytes::Bytes::copy_from_slice(authority.as_str().as_bytes()))
+                .expect("a valid authority stays valid when copied");
+            let upstream = Upstream {
+                authority: own.clone(),
+                idle: Vec::new(),
+            };
+            self.by_authority.insert(own, upstream);
+        }
+        self.by_authority
+            .get_mut(authority)
+            .expect("just made if it was missing")
     }
 }
 
@@ -109,12 +136,14 @@ impl Http1Pool {
     /// Sends `request` (origin-form URI, `Host` set) to `authority` on an idle connection, or a new one. A request
     /// that an idle connection closed under before a byte of it was written is sent again on a new connection.
     pub(crate) async fn send(
-        self: &Arc<Self>,
+        &self,
         authority: &Authority,
         mut request: http::Request<Body>,
     ) -> Result<http::Response<UpstreamBody>, BoxError> {
+        let lists = self.cores.local();
         loop {
-            let (mut connection, reused) = match self.ready_idle(authority) {
+            let (idle, own_authority) = ready_idle(lists, authority);
+            let (mut connection, reused) = match idle {
                 Some(connection) => (connection, true),
                 // Boxed: a new connection is the rare case, and its DNS and connect futures are large.
                 None => (Box::pin(connect(authority)).await?, false),
@@ -130,7 +159,13 @@ impl Http1Pool {
             })
             .await;
             match result {
-                Ok(response) => return Ok(self.stream(authority, response, (!ended).then_some(connection))),
+                Ok(response) => {
+                    let home = Home {
+                        lists: lists.clone(),
+                        authority: own_authority,
+                    };
+                    return Ok(stream(home, response, (!ended).then_some(connection)));
+                }
                 Err(mut error) => match error.take_message() {
                     Some(unsent) if reused => request = unsent,
                     _ => return Err(error.into_error().into()),
@@ -138,73 +173,84 @@ impl Http1Pool {
             }
         }
     }
+}
 
-    /// The response with a body that keeps driving `connection` and hands it back at its end.
-    fn stream(
-        self: &Arc<Self>,
-        authority: &Authority,
-        response: http::Response<Incoming>,
-        mut connection: Option<Box<Connection>>,
-    ) -> http::Response<UpstreamBody> {
-        let (parts, incoming) = response.into_parts();
-        if incoming.is_end_stream() {
-            // No body to pull (HEAD, 204, 304, `Content-Length: 0`): the connection is free now.
-            if let Some(connection) = connection.take() {
-                self.check_in(authority, connection);
-            }
-        }
-        let body = UpstreamBody {
-            incoming,
-            connection,
-            pool: self.clone(),
-            authority: authority.clone(),
-        };
-        http::Response::from_parts(parts, body)
-    }
+/// Where a connection goes back to when its response ends: the idle lists of the core it was taken on, under that
+/// core's copy of its authority.
+struct Home {
+    lists: Arc<CoreLists>,
+    authority: Authority,
+}
 
-    /// The most recently used idle connection to `authority` that is still open, dropping closed and stale ones.
-    fn ready_idle(&self, authority: &Authority) -> Option<Box<Connection>> {
-        loop {
-            let mut idle = self.take_idle(authority)?;
-            // Polling it reads what arrived while idle: an EOF ends it, and its sender turns ready.
-            if idle.poll_reusable() {
-                return Some(idle);
-            }
-        }
-    }
-
-    /// The running core's idle lists.
-    fn idle(&self) -> std::sync::MutexGuard<'_, IdleLists> {
-        let shard = &self.shards[crate::core_local::slot(self.shards.len())];
-        shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn take_idle(&self, authority: &Authority) -> Option<Box<Connection>> {
-        let mut idle = self.idle();
-        let list = idle.by_authority.get_mut(authority)?;
-        // One clock read, not one per entry the search looks at.
-        let now = Instant::now();
-        let fresh_from = list.partition_point(|entry| now.saturating_duration_since(entry.since) > POOL_IDLE_TIMEOUT);
-        list.drain(..fresh_from);
-        list.pop().map(|entry| entry.connection)
-    }
-
+impl Home {
     /// Puts `connection` on the idle list if it can take another request (polling it once to find out), or
     /// closes it.
-    fn check_in(&self, authority: &Authority, mut connection: Box<Connection>) {
+    fn check_in(&self, mut connection: Box<Connection>) {
         if !connection.poll_reusable() {
             return;
         }
         let now = Instant::now();
-        let mut idle = self.idle();
-        if now.saturating_duration_since(idle.swept) > SWEEP_INTERVAL {
-            idle.sweep(now);
+        let mut lists = lock(&self.lists);
+        if now.saturating_duration_since(lists.swept) > SWEEP_INTERVAL {
+            lists.sweep(now);
         }
-        let list = idle.by_authority.entry(authority.clone()).or_default();
-        if list.len() < POOL_MAX_IDLE_PER_HOST {
-            list.push(Idle { connection, since: now });
+        let upstream = lists.upstream(&self.authority);
+        if upstream.idle.len() < POOL_MAX_IDLE_PER_HOST {
+            upstream.idle.push(Idle { connection, since: now });
         }
     }
+}
+
+fn lock(lists: &CoreLists) -> std::sync::MutexGuard<'_, IdleLists> {
+    lists.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The response with a body that keeps driving `connection` and hands it back at its end.
+fn stream(
+    home: Home,
+    response: http::Response<Incoming>,
+    mut connection: Option<Box<Connection>>,
+) -> http::Response<UpstreamBody> {
+    let (parts, incoming) = response.into_parts();
+    if incoming.is_end_stream() {
+        // No body to pull (HEAD, 204, 304, `Content-Length: 0`): the connection is free now.
+        if let Some(connection) = connection.take() {
+            home.check_in(connection);
+        }
+    }
+    let body = UpstreamBody {
+        incoming,
+        connection,
+        home,
+    };
+    http::Response::from_parts(parts, body)
+}
+
+/// The most recently used idle connection to `authority` in `lists` that is still open, dropping closed and stale
+/// ones; and the core's copy of the authority.
+fn ready_idle(lists: &CoreLists, authority: &Authority) -> (Option<Box<Connection>>, Authority) {
+    loop {
+        let (idle, own) = take_idle(lists, authority);
+        let Some(mut idle) = idle else {
+            return (None, own);
+        };
+        // Polling it reads what arrived while idle: an EOF ends it, and its sender turns ready.
+        if idle.poll_reusable() {
+            return (Some(idle), own);
+        }
+    }
+}
+
+fn take_idle(lists: &CoreLists, authority: &Authority) -> (Option<Box<Connection>>, Authority) {
+    let mut lists = lock(lists);
+    let upstream = lists.upstream(authority);
+    // One clock read, not one per entry the search looks at.
+    let now = Instant::now();
+    let list = &mut upstream.idle;
+    let fresh_from = list.partition_point(|entry| now.saturating_duration_since(entry.since) > POOL_IDLE_TIMEOUT);
+    list.drain(..fresh_from);
+    let connection = list.pop().map(|entry| entry.connection);
+    (connection, upstream.authority.clone())
 }
 
 /// Opens a TCP connection to `authority` (port 80 when it names none) and starts HTTP/1.1 on it.
@@ -229,8 +275,7 @@ pub(crate) struct UpstreamBody {
     incoming: Incoming,
     /// Until the body ends (then idle in the pool) or the connection does.
     connection: Option<Box<Connection>>,
-    pool: Arc<Http1Pool>,
-    authority: Authority,
+    home: Home,
 }
 
 impl http_body::Body for UpstreamBody {
@@ -255,7 +300,7 @@ impl http_body::Body for UpstreamBody {
         };
         if finished {
             if let Some(connection) = this.connection.take() {
-                this.pool.check_in(&this.authority, connection);
+                this.home.check_in(connection);
             }
         }
         Poll::Ready(frame)
@@ -285,31 +330,50 @@ mod tests {
     #[tokio::test]
     async fn a_sweep_closes_stale_connections_of_every_upstream_and_keeps_fresh_ones() {
         let pool = Http1Pool::default();
+        let lists = pool.cores.local();
         let (gone, stale, _a) = idle_connection().await;
         let (used, fresh, _b) = idle_connection().await;
         let then = Instant::now();
         {
-            let mut idle = pool.idle();
-            idle.by_authority.insert(
-                gone.clone(),
-                vec![Idle {
-                    connection: stale,
-                    since: then,
-                }],
-            );
+            let mut idle = lock(lists);
+            idle.upstream(&gone).idle.push(Idle {
+                connection: stale,
+                since: then,
+            });
             let later = then + POOL_IDLE_TIMEOUT;
-            idle.by_authority.insert(
-                used.clone(),
-                vec![Idle {
-                    connection: fresh,
-                    since: later,
-                }],
-            );
+            idle.upstream(&used).idle.push(Idle {
+                connection: fresh,
+                since: later,
+            });
             idle.sweep(later + std::time::Duration::from_secs(1));
             assert!(!idle.by_authority.contains_key(&gone), "the stale list is gone");
-            assert_eq!(idle.by_authority[&used].len(), 1, "the fresh connection stays");
+            assert_eq!(idle.by_authority[&used].idle.len(), 1, "the fresh connection stays");
         }
-        assert!(pool.take_idle(&used).is_some());
-        assert!(pool.take_idle(&gone).is_none());
+        assert!(take_idle(lists, &used).0.is_some());
+        assert!(take_idle(lists, &gone).0.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_connection_goes_back_under_its_cores_own_copy_of_the_authority() {
+        let pool = Http1Pool::default();
+        let lists = pool.cores.local();
+        let (authority, connection, _listener) = idle_connection().await;
+        let (none, own) = take_idle(lists, &authority);
+        assert!(none.is_none());
+        assert_eq!(own, authority);
+        assert_ne!(
+            own.as_str().as_ptr(),
+            authority.as_str().as_ptr(),
+            "the core's copy is its own buffer, not a clone of the rule's"
+        );
+        Home {
+            lists: lists.clone(),
+            authority: own,
+        }
+        .check_in(connection);
+        assert!(
+            take_idle(lists, &authority).0.is_some(),
+            "checked in under the same upstream"
+        );
     }
 }

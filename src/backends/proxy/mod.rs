@@ -13,7 +13,6 @@ mod http1;
 mod tls;
 mod websocket;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -59,7 +58,7 @@ type Connector = HttpsConnector<HttpConnector>;
 /// The clients that reach upstreams, shared by every rule of every app.
 pub(crate) struct Upstreams {
     /// Plain `http` targets: connections driven by the requests themselves ([`http1`]).
-    plain: Arc<http1::Http1Pool>,
+    plain: http1::Http1Pool,
     /// `https` targets, HTTP/1.1 or HTTP/2 by ALPN.
     verified: Client<Connector, Body>,
     unverified: Client<Connector, Body>,
@@ -87,7 +86,7 @@ impl Upstreams {
                 .build(connector)
         };
         Upstreams {
-            plain: Arc::default(),
+            plain: http1::Http1Pool::default(),
             verified: client(connector(tls::verified(), true)),
             unverified: client(connector(tls::unverified(), true)),
             tunnel_verified: connector(tls::verified(), false),
@@ -113,10 +112,11 @@ impl Upstreams {
         client: Option<&ClientAddr>,
     ) -> Result<Response, Error> {
         let rule = matched.rule;
-        let uri = rule
+        let invalid = |e: http::Error| failed(rule, format!("the forwarded URL is invalid: {e}"));
+        let path_and_query = rule
             .target
-            .uri(&matched.path, request.uri().query())
-            .map_err(|e| failed(rule, format!("the forwarded URL is invalid: {e}")))?;
+            .path_and_query(&matched.path, request.uri().query())
+            .map_err(invalid)?;
         let client_version = request.version();
         // A header value is a shared buffer: cloning it copies nothing.
         let client_host = match request.headers().get(header::HOST) {
@@ -168,7 +168,7 @@ impl Upstreams {
         if let Some(client_upgrade) = client_upgrade {
             let tunnel = websocket::Tunnel {
                 rule,
-                uri,
+                uri: rule.target.absolute(path_and_query).map_err(invalid)?,
                 headers,
                 client_upgrade,
                 client_prefix: &prefix,
@@ -182,16 +182,13 @@ impl Upstreams {
         *upstream.headers_mut() = headers;
         if rule.target.scheme == http::uri::Scheme::HTTP {
             // Origin-form on the wire: a hyper connection writes the URI as it is given.
-            *upstream.uri_mut() = uri
-                .path_and_query()
-                .cloned()
-                .map_or_else(|| Uri::from_static("/"), Uri::from);
+            *upstream.uri_mut() = Uri::from(path_and_query);
             let response = within(rule, self.plain.send(&rule.target.authority, upstream))
                 .await?
                 .map_err(|e| failed(rule, error_chain(e.as_ref())))?;
             return Ok(client_response(rule, response, &prefix));
         }
-        *upstream.uri_mut() = uri;
+        *upstream.uri_mut() = rule.target.absolute(path_and_query).map_err(invalid)?;
         let client = if rule.secure { &self.verified } else { &self.unverified };
         let response = within(rule, client.request(upstream))
             .await?

@@ -10,6 +10,7 @@ mod watch;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -150,6 +151,9 @@ pub(crate) struct Registry {
     reloading: Mutex<()>,
     /// Bumped after every swap, for those who keep state per version (the worker pool) and must follow changes.
     changes: tokio::sync::watch::Sender<u64>,
+    /// The same count, for what looks on every request (the route cache): an atomic read, where reading the watch
+    /// takes its lock.
+    generation: AtomicU64,
 }
 
 impl Registry {
@@ -165,6 +169,7 @@ impl Registry {
             current: ArcSwap::from_pointee(snapshot),
             reloading: Mutex::new(()),
             changes: tokio::sync::watch::Sender::new(0),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -175,7 +180,15 @@ impl Registry {
 
     fn swap(&self, snapshot: Snapshot) {
         self.current.store(Arc::new(snapshot));
+        // After the store: whoever reads the new generation and then the snapshot gets this one or a newer one.
+        self.generation.fetch_add(1, Ordering::Release);
         self.changes.send_modify(|generation| *generation += 1);
+    }
+
+    /// How many snapshots have been swapped in. Read it before [`Registry::snapshot`]: what is resolved from the
+    /// snapshot is then at least as new as the generation read.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     pub(crate) fn apps_dir(&self) -> &Path {

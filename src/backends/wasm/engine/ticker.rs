@@ -20,20 +20,20 @@ use std::sync::{Arc, OnceLock};
 use std::thread::Thread;
 use std::time::Duration;
 
+use crate::core_local::{Padded, PerCore};
+
 /// Ticks with no instance lent before the ticker sleeps: at a few requests a second it sleeps between them, and
 /// at more it stays awake rather than being woken for every one.
 const IDLE_TICKS: u32 = 10;
 
-/// A counter alone on its cache line, so that two cores' counters, and their `Arc`s' reference counts, never share
+/// A counter alone on its cache lines, so that two cores' counters, and their `Arc`s' reference counts, never share
 /// one.
-#[repr(align(128))]
-#[derive(Default)]
-struct Shard(AtomicIsize);
+type Shard = Padded<AtomicIsize>;
 
 /// What the ticker thread and the engine, which takes the guards, share.
 pub(crate) struct Ticker {
     /// Guards taken minus guards dropped, per serving core (and one slot for every other thread).
-    lent: Box<[Arc<Shard>]>,
+    lent: PerCore<Arc<Shard>>,
     /// Set while the ticker sleeps or is about to: a new guard then wakes it.
     sleeping: AtomicBool,
     stop: AtomicBool,
@@ -51,9 +51,7 @@ impl Ticker {
     /// Starts the thread that advances `engine`'s epoch every `tick` while any [`Ticking`] guard lives.
     pub(crate) fn start(engine: wasmtime::Engine, tick: Duration) -> std::io::Result<Arc<Ticker>> {
         let ticker = Arc::new(Ticker {
-            lent: (0..=crate::core_local::default_count())
-                .map(|_| Arc::default())
-                .collect(),
+            lent: PerCore::default(),
             sleeping: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             thread: OnceLock::new(),
@@ -68,8 +66,8 @@ impl Ticker {
 
     /// A guard that keeps the ticker awake until it is dropped.
     pub(crate) fn ticking(&self) -> Ticking {
-        let shard = self.lent[crate::core_local::slot(self.lent.len())].clone();
-        shard.0.fetch_add(1, Ordering::SeqCst);
+        let shard = self.lent.local().clone();
+        shard.fetch_add(1, Ordering::SeqCst);
         // Paired with the ticker's store of `sleeping` before its last look at the counters: either it sees this
         // guard and stays awake, or this sees it going to sleep and wakes it (an unpark before its park makes the
         // park return at once).
@@ -93,7 +91,7 @@ impl Ticker {
 
     /// Every counter is at least zero, and a guard that lives throughout the reading is in it.
     fn lent(&self) -> isize {
-        self.lent.iter().map(|shard| shard.0.load(Ordering::SeqCst)).sum()
+        self.lent.iter().map(|shard| shard.load(Ordering::SeqCst)).sum()
     }
 
     fn wake(&self) {
@@ -124,7 +122,7 @@ impl Ticker {
 
 impl Drop for Ticking {
     fn drop(&mut self) {
-        self.shard.0.fetch_sub(1, Ordering::SeqCst);
+        self.shard.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -159,7 +157,7 @@ mod tests {
         })
         .join()
         .unwrap();
-        assert!(ticker.lent.iter().all(|shard| shard.0.load(Ordering::SeqCst) == 0));
+        assert!(ticker.lent.iter().all(|shard| shard.load(Ordering::SeqCst) == 0));
         eventually("the ticker sleeps again once the guard is gone", || {
             ticker.is_sleeping()
         });
