@@ -37,7 +37,8 @@ pub(crate) struct Route {
 
 impl Route {
     /// The runtime that runs `deployment` (this route's version's) in `pool`. A reload that changes the version
-    /// moves the registry's generation on, so a route never outlives the runtime it found.
+    /// (and so retires its runtime) moves the registry's generation on: after it, the core's next request resolves
+    /// afresh, and only requests already under way keep the runtime they started with, as they did before.
     pub(crate) fn runtime(&self, pool: &Pool, deployment: &Deployment) -> Arc<VersionRuntime> {
         let stats = &self.served.stats;
         self.runtime
