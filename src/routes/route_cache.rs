@@ -8,9 +8,10 @@
 //! alive without being cloned again. A reload moves the registry's generation on, and each core starts its cache
 //! afresh at its next request.
 //!
-//! Only what resolved is kept (an unknown app or version is looked up in the registry each time), and at most
-//! [`MAX_ROUTES_PER_CORE`] segments per core: a client that spells one version many ways (`@1`, `@1.0`, `@%31`)
-//! only empties the cache, which refills from the registry.
+//! Only what resolved is kept (an unknown app or version is looked up in the registry each time), only segments
+//! up to [`MAX_CACHED_SEGMENT_BYTES`] long, and at most [`MAX_ROUTES_PER_CORE`] of them per core: a client that
+//! spells one version many ways (`@1`, `@1.0`, `@%31`, a long range) only empties the cache, which refills from
+//! the registry, and cannot make it hold more than a few hundred KiB.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -22,6 +23,8 @@ use crate::metrics::{Metrics, Served};
 
 /// Distinct first segments one core keeps; more empty its cache.
 pub(crate) const MAX_ROUTES_PER_CORE: usize = 1024;
+/// Longer segments are resolved every time: an app name with a version or a range is far shorter.
+pub(crate) const MAX_CACHED_SEGMENT_BYTES: usize = 256;
 
 /// Where a first path segment goes: the version it resolved to, and where this core counts its requests.
 /// Aligned, so that the allocation holding it (and its `Arc`'s reference counts) shares no cache line with one of
@@ -89,6 +92,9 @@ impl RouteCache {
             served,
             runtime: OnceLock::new(),
         });
+        if segment.len() > MAX_CACHED_SEGMENT_BYTES {
+            return Ok(route);
+        }
         if routes.by_segment.len() >= MAX_ROUTES_PER_CORE {
             routes.by_segment.clear();
         }
@@ -150,5 +156,13 @@ mod tests {
             assert!(cache.resolve(&registry, &metrics, &segment).is_ok());
             assert!(cached(&cache) <= MAX_ROUTES_PER_CORE);
         }
+
+        let before = cached(&cache);
+        // A range whose prerelease runs long: still any release from 0.0.0 on.
+        let long = format!("site@>=0.0.0-{}", "a".repeat(MAX_CACHED_SEGMENT_BYTES));
+        assert!(long.len() > MAX_CACHED_SEGMENT_BYTES);
+        let resolved = cache.resolve(&registry, &metrics, &long).unwrap();
+        assert_eq!(resolved.resolved.version.version, semver::Version::new(1, 1, 0));
+        assert_eq!(cached(&cache), before, "a long segment is resolved but not kept");
     }
 }
