@@ -115,20 +115,17 @@ impl IdleLists {
         self.swept = now;
     }
 
-    /// `authority`'s list, made (with a copy of the authority that this core alone clones) if there is none.
-    fn upstream(&mut self, authority: &Authority) -> &mut Upstream {
-        if !self.by_authority.contains_key(authority) {
-            let own = Authority::from_maybe_shared(bytes::Bytes::copy_from_slice(authority.as_str().as_bytes()))
-                .expect("a valid authority stays valid when copied");
-            let upstream = Upstream {
-                authority: own.clone(),
-                idle: Vec::new(),
-            };
-            self.by_authority.insert(own, upstream);
-        }
-        self.by_authority
-            .get_mut(authority)
-            .expect("just made if it was missing")
+    /// A list for `authority`, which has none yet on this core, under a copy of the authority that this core
+    /// alone clones. The callers look the list up first and come here only when it is missing: an authority hashes
+    /// a byte at a time (case-folded), so each lookup is worth saving.
+    fn add_upstream(&mut self, authority: &Authority) -> &mut Upstream {
+        let own = Authority::from_maybe_shared(bytes::Bytes::copy_from_slice(authority.as_str().as_bytes()))
+            .expect("a valid authority stays valid when copied");
+        let upstream = Upstream {
+            authority: own.clone(),
+            idle: Vec::new(),
+        };
+        self.by_authority.entry(own).or_insert(upstream)
     }
 }
 
@@ -194,9 +191,12 @@ impl Home {
         if now.saturating_duration_since(lists.swept) > SWEEP_INTERVAL {
             lists.sweep(now);
         }
-        let upstream = lists.upstream(&self.authority);
-        if upstream.idle.len() < POOL_MAX_IDLE_PER_HOST {
-            upstream.idle.push(Idle { connection, since: now });
+        let idle = Idle { connection, since: now };
+        match lists.by_authority.get_mut(&self.authority) {
+            Some(upstream) if upstream.idle.len() < POOL_MAX_IDLE_PER_HOST => upstream.idle.push(idle),
+            Some(_) => {}
+            // Swept away while the connection was lent.
+            None => lists.add_upstream(&self.authority).idle.push(idle),
         }
     }
 }
@@ -243,7 +243,9 @@ fn ready_idle(lists: &CoreLists, authority: &Authority) -> (Option<Box<Connectio
 
 fn take_idle(lists: &CoreLists, authority: &Authority) -> (Option<Box<Connection>>, Authority) {
     let mut lists = lock(lists);
-    let upstream = lists.upstream(authority);
+    let Some(upstream) = lists.by_authority.get_mut(authority) else {
+        return (None, lists.add_upstream(authority).authority.clone());
+    };
     // One clock read, not one per entry the search looks at.
     let now = Instant::now();
     let list = &mut upstream.idle;
@@ -336,12 +338,12 @@ mod tests {
         let then = Instant::now();
         {
             let mut idle = lock(lists);
-            idle.upstream(&gone).idle.push(Idle {
+            idle.add_upstream(&gone).idle.push(Idle {
                 connection: stale,
                 since: then,
             });
             let later = then + POOL_IDLE_TIMEOUT;
-            idle.upstream(&used).idle.push(Idle {
+            idle.add_upstream(&used).idle.push(Idle {
                 connection: fresh,
                 since: later,
             });
