@@ -71,6 +71,17 @@ impl Metrics {
         }
     }
 
+    /// Counting metrics over a one-instance pool with no cache, for unit tests of what reads them.
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> Metrics {
+        let settings = crate::backends::wasm::engine::EngineSettings {
+            pool_size: 1,
+            cache_dir: None,
+        };
+        let engine = Arc::new(crate::backends::wasm::engine::Engine::new(&settings).unwrap());
+        Metrics::new(Arc::new(Pool::new(engine, 1, 0)), true)
+    }
+
     /// The running core's counters of one app version, made on its first request. Lock-free once made.
     pub(crate) fn app(&self, app: &str, version: &semver::Version) -> Arc<CoreStats> {
         self.apps.get(app, version)
@@ -193,15 +204,6 @@ mod tests {
 
     use super::*;
 
-    fn metrics() -> Metrics {
-        let settings = crate::backends::wasm::engine::EngineSettings {
-            pool_size: 1,
-            cache_dir: None,
-        };
-        let engine = Arc::new(crate::backends::wasm::engine::Engine::new(&settings).unwrap());
-        Metrics::new(Arc::new(Pool::new(engine, 1, 0)), true)
-    }
-
     fn count(stats: &CoreStats, n: usize) {
         for _ in 0..n {
             stats.count(StatusCode::OK);
@@ -211,7 +213,7 @@ mod tests {
 
     #[test]
     fn a_retired_version_keeps_its_totals_and_only_its_recent_share_in_the_window() {
-        let metrics = metrics();
+        let metrics = Metrics::for_tests();
         let stats = metrics.app("a", &semver::Version::new(1, 0, 0));
         count(&stats, 3);
         metrics.tick();

@@ -106,16 +106,6 @@ impl RouteCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backends::wasm::engine::{Engine, EngineSettings};
-
-    fn metrics() -> Metrics {
-        let settings = EngineSettings {
-            pool_size: 1,
-            cache_dir: None,
-        };
-        let engine = Arc::new(Engine::new(&settings).unwrap());
-        Metrics::new(Arc::new(Pool::new(engine, 1, 0)), true)
-    }
 
     fn deploy(apps: &std::path::Path, version: &str) {
         let dir = apps.join("site").join(version);
@@ -133,7 +123,7 @@ mod tests {
         deploy(apps.path(), "1.0.0");
         let registry = Registry::new(apps.path().to_owned());
         registry.reload_all().unwrap();
-        let (metrics, cache) = (metrics(), RouteCache::default());
+        let (metrics, cache) = (Metrics::for_tests(), RouteCache::default());
 
         let first = cache.resolve(&registry, &metrics, "site@1").unwrap();
         let again = cache.resolve(&registry, &metrics, "site@1").unwrap();
