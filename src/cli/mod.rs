@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::backends::wasm::engine;
 use crate::deploy::registry;
 use crate::server::ServeOptions;
 use logging::LogFormat;
@@ -49,7 +50,8 @@ pub(crate) struct Cli {
 pub(crate) enum Command {
     /// Serve every app in the apps directory at /<app>@<version>/.
     Serve(ServeArgs),
-    /// Check an apps directory: every version's config and entrypoint. Exits non-zero if any is invalid.
+    /// Check an apps directory: every version's config and entrypoint, and what each component exports. Exits
+    /// non-zero if any is invalid.
     Check {
         /// The apps directory to check.
         #[arg(env = "APPS_DIR", default_value = DEFAULT_APPS_DIR)]
@@ -259,6 +261,21 @@ fn serve(args: ServeArgs) -> ExitCode {
     })
 }
 
+/// Why a WebAssembly version's entrypoint could not be served, from its exports (without compiling it), or
+/// `None` if it can be or the version is not WebAssembly.
+fn component_problem(app: &str, version: &registry::AppVersion, deployment: &registry::Deployment) -> Option<String> {
+    if !matches!(deployment.kind, registry::AppKind::Wasm) {
+        return None;
+    }
+    let at = format!("{app}/{}: {}", version.dir_name, deployment.entrypoint.display());
+    match std::fs::read(&deployment.entrypoint_path) {
+        Err(error) => Some(format!("{at}: cannot read it: {error}")),
+        Ok(bytes) => engine::check_exports(&bytes)
+            .err()
+            .map(|reason| format!("{at}: {reason}")),
+    }
+}
+
 /// `marina check`: one line per problem on stdout; exit 1 if any version is invalid.
 fn check(dir: &std::path::Path) -> ExitCode {
     let dir = match canonical_dir(dir, "apps directory") {
@@ -286,9 +303,13 @@ fn check(dir: &std::path::Path) -> ExitCode {
         }
         for version in &app.versions {
             versions += 1;
-            if let Err(error) = &version.deployment {
+            let problem = match &version.deployment {
+                Err(error) => Some(error.clone()),
+                Ok(deployment) => component_problem(&app.name, version, deployment),
+            };
+            if let Some(problem) = problem {
                 errors += 1;
-                println!("error: {error}");
+                println!("error: {problem}");
             }
         }
     }

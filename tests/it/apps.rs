@@ -147,6 +147,27 @@ async fn a_wasm_file_that_is_not_a_component_answers_503_naming_the_problem_and_
 }
 
 #[tokio::test]
+async fn a_command_or_a_core_module_answers_503_naming_what_it_is_and_what_marina_serves() {
+    let apps = AppsDir::new();
+    apps.component("cmd", "1.0.0", "command", serde_json::json!({}));
+    apps.write("core/1.0.0/app.wasm", b"\0asm\x01\0\0\0");
+    let server = TestServer::start(&apps.path()).await;
+    for (app, what) in [
+        ("cmd", "it is a command (it exports wasi:cli/run@0.2."),
+        ("core", "it is a core WebAssembly module, not a component"),
+    ] {
+        let response = client().get(server.url(&format!("/{app}/"))).send().await.unwrap();
+        assert_eq!(response.status(), 503);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["code"], "worker_failed");
+        let error = body["error"].as_str().unwrap();
+        assert!(error.contains(&format!("{app}@1.0.0 cannot start a worker")), "{error}");
+        assert!(error.contains(what), "{error}");
+        assert!(error.contains("wasi:http/incoming-handler@0.2.x"), "{error}");
+    }
+}
+
+#[tokio::test]
 async fn deployments_lists_apps_versions_kinds_configs_and_errors() {
     let apps = versioned_apps();
     apps.write("svc/1.0.0/app.wasm", b"\0asm");

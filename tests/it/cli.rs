@@ -159,6 +159,28 @@ fn check_prints_one_line_per_problem_and_fails() {
 }
 
 #[test]
+fn check_reports_a_component_that_is_not_an_http_handler_with_what_it_exports() {
+    let apps = AppsDir::new();
+    apps.component("cmd", "1.0.0", "command", serde_json::json!({}));
+    apps.write("core/1.0.0/app.wasm", b"\0asm\x01\0\0\0");
+    apps.component("hello", "1.0.0", "hello", serde_json::json!({}));
+    let output = marina(&["check", apps.path().to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    let text = stdout(&output);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(
+        lines[0].starts_with("error: cmd/1.0.0: app.wasm: it is a command (it exports wasi:cli/run@0.2."),
+        "{text}"
+    );
+    assert!(
+        lines[1].starts_with("error: core/1.0.0: app.wasm: it is a core WebAssembly module, not a component"),
+        "{text}"
+    );
+    assert_eq!(lines[2], "2 of 3 versions are invalid");
+}
+
+#[test]
 fn check_on_a_missing_directory_says_so() {
     let output = marina(&["check", "/definitely/not/here"]);
     assert_eq!(output.status.code(), Some(2));

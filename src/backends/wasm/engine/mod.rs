@@ -7,6 +7,7 @@
 //! others) and, past its deadline, a trap.
 
 mod cache;
+mod exports;
 mod ticker;
 
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ use wasmtime::{Config, Enabled, InstanceAllocationStrategy, PoolingAllocationCon
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 pub(crate) use cache::{default_cache_dir, Cache};
+pub(crate) use exports::{check as check_exports, NotServable};
 use ticker::Ticker;
 pub(crate) use ticker::Ticking;
 
@@ -76,7 +78,10 @@ pub(crate) enum LoadError {
     /// The component imports something the host does not provide.
     #[error("the component cannot be linked")]
     Link(#[source] wasmtime::Error),
-    /// The component is not an HTTP handler.
+    /// The file is not a wasi:http 0.2 handler, as its exports tell before it is compiled.
+    #[error("the component cannot be served")]
+    NotServable(#[source] NotServable),
+    /// The component exports the handler's name, but not with the handler's type.
     #[error("the component does not export wasi:http/incoming-handler")]
     NotAHandler(#[source] wasmtime::Error),
     /// The compilation's thread ended without an answer (it panicked, or the runtime is shutting down).
@@ -162,6 +167,11 @@ impl Engine {
             path: path.to_path_buf(),
             source,
         })?;
+        // An unreadable file is left to the compiler, whose reasons are the more precise.
+        match exports::check(&bytes) {
+            Err(NotServable::Unreadable(_)) | Ok(()) => {}
+            Err(not_servable) => return Err(LoadError::NotServable(not_servable)),
+        }
         let (component, from_cache) = match &self.cache {
             Some(cache) => cache.load_or_compile(&self.wasmtime, &bytes)?,
             None => (compile(&self.wasmtime, &bytes)?, false),
