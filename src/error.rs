@@ -17,6 +17,10 @@ use serde_json::{json, Value};
 
 use crate::deploy::registry::ResolveError;
 
+/// The `Retry-After` of a `503` that passes by itself (loading, compiling, a busy pool, the streams' limit): a
+/// second, since none of them can say when it will be over.
+const RETRY_AFTER_SECS: &str = "1";
+
 /// What a failure was caused by, typed where it happened and boxed to cross the layers up to this one.
 pub type Cause = Box<dyn std::error::Error + Send + Sync>;
 
@@ -53,6 +57,19 @@ pub enum Error {
         version: String,
         #[source]
         cause: Cause,
+    },
+
+    /// The version's component was still compiling when the request's `timeout` came (a first request, without
+    /// `--precompile`, to a large component). The compile goes on; a retry after it is served.
+    #[error(
+        "{app}@{version} is still being compiled ({:.1} s so far), longer than its {secs}s timeout; retry shortly",
+        so_far.as_secs_f64()
+    )]
+    Compiling {
+        app: String,
+        version: String,
+        secs: u64,
+        so_far: std::time::Duration,
     },
 
     /// The app did not finish within its `timeout`.
@@ -143,6 +160,7 @@ impl Error {
             Error::Resolve(_) | Error::NoRoute(_) | Error::FileNotFound(_) => StatusCode::NOT_FOUND,
             Error::InvalidVersion { .. }
             | Error::WorkerFailed { .. }
+            | Error::Compiling { .. }
             | Error::PoolBusy(_)
             | Error::Loading
             | Error::TooManyStreams { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -166,6 +184,7 @@ impl Error {
             Error::InvalidVersion { .. } => "invalid_version",
             Error::WorkerFailed { .. } => "worker_failed",
             Error::AppFailed { .. } => "app_failed",
+            Error::Compiling { .. } => "compiling",
             Error::Timeout { .. } => "timeout",
             Error::PoolBusy(_) => "pool_busy",
             Error::UpstreamFailed { .. } => "upstream_failed",
@@ -196,6 +215,7 @@ impl Error {
             Error::InvalidVersion { app, version, .. }
             | Error::WorkerFailed { app, version, .. }
             | Error::AppFailed { app, version, .. }
+            | Error::Compiling { app, version, .. }
             | Error::Timeout { app, version, .. } => {
                 body["app"] = json!(app);
                 body["version"] = json!(version);
@@ -220,8 +240,8 @@ impl IntoResponse for Error {
         let mut response = (self.status(), axum::Json(self.body())).into_response();
         let headers = response.headers_mut();
         match &self {
-            Error::Loading | Error::PoolBusy(_) | Error::TooManyStreams { .. } => {
-                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            Error::Loading | Error::Compiling { .. } | Error::PoolBusy(_) | Error::TooManyStreams { .. } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
             }
             Error::MethodNotAllowed(_) => {
                 headers.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));

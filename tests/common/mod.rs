@@ -79,6 +79,48 @@ pub fn guest(name: &str) -> PathBuf {
     path
 }
 
+/// The Python example of `runtime-sdk/python`, built from source by its build script with componentize-py (from
+/// PyPI), once per process; returns the path of the built component.
+pub fn python_guest() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| built_by("python")).clone()
+}
+
+/// The JavaScript example of `runtime-sdk/js`, built from source by its build script with componentize-js (from
+/// npm), once per process; returns the path of the built component.
+pub fn js_guest() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| built_by("js")).clone()
+}
+
+/// Runs `runtime-sdk/<language>/build` into `target/languages/`; the script does nothing when its output is newer
+/// than its sources.
+fn built_by(language: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = root
+        .join("target")
+        .join("languages")
+        .join(format!("hello-{language}.wasm"));
+    let script = root.join("runtime-sdk").join(language).join("build");
+    let output = Command::new(&script).arg(&out).output().expect("the build script runs");
+    assert!(
+        output.status.success(),
+        "{} failed:\n{}{}",
+        script.display(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    out
+}
+
+/// Where the language examples' compiled code is kept between runs, so that only a clean checkout compiles them.
+pub fn languages_cache() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join("languages")
+        .join("cache")
+}
+
 impl AppsDir {
     /// Deploys the example component `example` as `app@version` with `config` as its worker.config.json.
     pub fn component(&self, app: &str, version: &str, example: &str, config: serde_json::Value) {

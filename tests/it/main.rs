@@ -19,6 +19,7 @@ mod fair_execution;
 mod hostile_clients;
 mod hot_reload;
 mod isolation;
+mod languages;
 mod metrics;
 mod properties;
 mod proxy;

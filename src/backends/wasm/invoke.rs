@@ -194,6 +194,16 @@ pub(crate) async fn invoke(
                     if clock.is_queued() {
                         return Err(Error::PoolBusy(pool.queue_timed_out().into()));
                     }
+                    // Still compiling: nothing of the app ran, and nothing failed. The compile goes on in its
+                    // own task; the call, dropped, leaves its slot.
+                    if let Some(so_far) = runtime.compiling_for() {
+                        return Err(Error::Compiling {
+                            app: runtime.identity.app.clone(),
+                            version: runtime.identity.version.clone(),
+                            secs: runtime.deployment.config.timeout,
+                            so_far,
+                        });
+                    }
                     // The answer stays the 504 (whatever the call makes of its own deadline, say a start cut
                     // short), unless the guest set its response at the last moment. The call settles on a lane
                     // meanwhile.

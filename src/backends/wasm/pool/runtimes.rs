@@ -9,8 +9,8 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use tokio::sync::OnceCell;
 
@@ -37,6 +37,8 @@ pub(crate) struct VersionRuntime {
     /// Keeps this version's failure lines to a few a second.
     pub(crate) failure_log: LogLimiter,
     loaded: OnceCell<Result<Arc<Loaded>, Arc<LoadError>>>,
+    /// When the compile began, once it has.
+    compile_started: OnceLock<Instant>,
     /// Set once a newer runtime replaced this one, or its version went: its workers are not kept.
     pub(super) retired: AtomicBool,
 }
@@ -46,6 +48,12 @@ impl VersionRuntime {
     pub(crate) fn timeout(&self) -> Option<Duration> {
         let secs = self.deployment.config.timeout;
         (secs > 0).then(|| Duration::from_secs(secs))
+    }
+
+    /// How long the component has been compiling, while it is (started and not finished).
+    pub(crate) fn compiling_for(&self) -> Option<Duration> {
+        let started = self.compile_started.get()?;
+        self.loaded.get().is_none().then(|| started.elapsed())
     }
 
     /// The compiled component, compiling it (off the async threads) the first time. Concurrent callers share one
@@ -64,6 +72,7 @@ impl VersionRuntime {
     async fn compile(&self, engine: &Arc<Engine>) -> Result<Arc<Loaded>, Arc<LoadError>> {
         self.loaded
             .get_or_init(|| async {
+                self.compile_started.get_or_init(Instant::now);
                 let engine = engine.clone();
                 let path = self.deployment.entrypoint_path.clone();
                 let identity = &self.identity;
@@ -148,6 +157,7 @@ impl Pool {
             meter,
             failure_log: LogLimiter::default(),
             loaded: OnceCell::new(),
+            compile_started: OnceLock::new(),
             retired: AtomicBool::new(false),
         });
         if let Some(old) = runtimes.insert(key, runtime.clone()) {

@@ -1,0 +1,148 @@
+//! Apps written in other languages, built in the run by their real toolchains from the sources in `runtime-sdk/`:
+//! each serves GET and POST on fresh (`ttl: 0`) and reused (`ttl > 0`) instances, sees only its own environment,
+//! and is counted by the metrics; a first request that outlasts its version's compile is told so.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::common::{client, get_json, languages_cache, python_guest, TestServer};
+
+/// Long enough for the first request to wait out a compile on a loaded 2-core machine (a Python component takes
+/// 15 s in release builds).
+const FIRST_REQUEST_TIMEOUT_SECS: u64 = 300;
+
+/// Deploys `wasm` as `app@1.0.0` under `apps` with `config`.
+fn deploy(apps: &Path, app: &str, wasm: &Path, config: Value) {
+    let dir = apps.join(app).join("1.0.0");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(wasm, dir.join("app.wasm")).unwrap();
+    std::fs::write(dir.join("worker.config.json"), config.to_string()).unwrap();
+}
+
+async fn get(server: &TestServer, path: &str) -> (u16, String) {
+    let response = client().get(server.url(path)).send().await.unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+/// Serves the example `wasm` as a reused (`warm`) and a fresh (`fresh`) app and checks everything the examples
+/// share: the greeting and the env of each app's own config, POST with a body, how many requests an instance saw,
+/// and the metrics' counts.
+async fn serves_get_and_post_fresh_and_reused_with_its_own_env(wasm: &Path, greeting_suffix: &str) {
+    let apps = tempfile::tempdir().unwrap();
+    let env = json!({"GREETING": "Hi", "SECRET": "warm's own"});
+    deploy(
+        apps.path(),
+        "warm",
+        wasm,
+        json!({"ttl": 300, "timeout": FIRST_REQUEST_TIMEOUT_SECS, "env": env}),
+    );
+    deploy(
+        apps.path(),
+        "fresh",
+        wasm,
+        json!({"ttl": 0, "timeout": FIRST_REQUEST_TIMEOUT_SECS}),
+    );
+    let mut options = marina::server::ServeOptions::new(apps.path());
+    // The first request compiles (or finds the code of an earlier run), the second app's loads what it wrote.
+    options.cache_dir = Some(languages_cache());
+    let server = TestServer::start_with(options).await;
+
+    assert_eq!(get(&server, "/warm/").await, (200, format!("Hi {greeting_suffix}\n")));
+    assert_eq!(
+        get(&server, "/fresh/").await,
+        (200, format!("Hello {greeting_suffix}\n"))
+    );
+    // One request after another: a reused instance counts on, a fresh one always starts at one.
+    let mut counts = Vec::new();
+    for _ in 0..3 {
+        counts.push(get(&server, "/warm/count").await.1.trim().parse::<u64>().unwrap());
+    }
+    assert!(counts.windows(2).all(|pair| pair[1] == pair[0] + 1), "{counts:?}");
+    for _ in 0..3 {
+        assert_eq!(get(&server, "/fresh/count").await, (200, "1\n".into()));
+    }
+    // Each app sees its own config's env, and nothing of the other's or of the host's.
+    assert_eq!(get(&server, "/warm/env/SECRET").await, (200, "warm's own".into()));
+    assert_eq!(get(&server, "/fresh/env/SECRET").await.0, 404);
+    assert_eq!(get(&server, "/warm/env/PATH").await.0, 404);
+    // A body of many chunks, each way.
+    let body: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    for app in ["warm", "fresh"] {
+        let response = client()
+            .post(server.url(&format!("/{app}/echo")))
+            .header("content-type", "application/x-test")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["content-type"], "application/x-test");
+        assert_eq!(response.bytes().await.unwrap(), body, "{app} echoes the body");
+    }
+
+    // warm: 1 + 3 + 2 + 1 requests (one 404), fresh: 1 + 3 + 1 + 1 (one 404), each counted once it is over.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, stats) = get_json(&server, "/_/stats").await;
+        let requests = |app: &str| stats["apps"][format!("{app}@1.0.0")]["requests"].as_u64();
+        if (requests("warm"), requests("fresh")) == (Some(7), Some(6)) {
+            assert_eq!(stats["apps"]["warm@1.0.0"]["statuses"], json!({"200": 6, "404": 1}));
+            assert_eq!(stats["apps"]["fresh@1.0.0"]["statuses"], json!({"200": 5, "404": 1}));
+            assert_eq!(stats["pool"]["totalWorkersFailed"], 0, "{}", stats["pool"]);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the requests were not counted: {stats}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_python_app_serves_get_and_post_on_fresh_and_reused_instances_with_its_own_env() {
+    serves_get_and_post_fresh_and_reused_with_its_own_env(&python_guest(), "from Python").await;
+}
+
+#[tokio::test]
+async fn a_first_request_that_outlasts_the_compile_gets_503_compiling_and_the_requests_after_it_are_served() {
+    let apps = tempfile::tempdir().unwrap();
+    // No cache: a Python component takes seconds to compile, far longer than this timeout.
+    deploy(apps.path(), "slow", &python_guest(), json!({"ttl": 300, "timeout": 1}));
+    let mut options = marina::server::ServeOptions::new(apps.path());
+    options.cache_dir = None;
+    let server = TestServer::start_with(options).await;
+
+    let response = client().get(server.url("/slow/")).send().await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "compiling", "{body}");
+    assert_eq!((&body["app"], &body["version"]), (&json!("slow"), &json!("1.0.0")));
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("slow@1.0.0 is still being compiled (") && error.contains("longer than its 1s timeout"),
+        "{error}"
+    );
+
+    // The compile went on without the request that started it: retried, the app answers once it is done.
+    let deadline = Instant::now() + Duration::from_secs(FIRST_REQUEST_TIMEOUT_SECS);
+    loop {
+        let (status, text) = get(&server, "/slow/").await;
+        if status == 200 {
+            assert_eq!(text, "Hello from Python\n");
+            break;
+        }
+        assert_eq!(status, 503, "{text}");
+        assert!(text.contains("\"compiling\""), "{text}");
+        assert!(Instant::now() < deadline, "the compile did not finish");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Waiting out a compile is no failure of the app's: no timeout, no failed worker.
+    let (_, stats) = get_json(&server, "/_/stats").await;
+    let pool = &stats["pool"];
+    assert_eq!(
+        (&pool["timeouts"], &pool["totalWorkersFailed"]),
+        (&json!(0), &json!(0)),
+        "{pool}"
+    );
+}
