@@ -1,7 +1,8 @@
 """hello-python: a Marina app in Python, built into a wasi:http component by componentize-py.
 
 `GET /` greets (the greeting comes from the `GREETING` variable of worker.config.json's `env`, if set),
-`GET /env/NAME` answers the variable NAME of the app's environment (404 when unset), `POST /echo` answers the
+`GET /env/NAME` answers the variable NAME of the app's environment (404 when unset), `GET /base` the prefix the
+request came under (Marina's `x-marina-base` header, such as `/hello-python@1`), `POST /echo` answers the
 request's body with its content type, and `GET /count` how many requests this instance has served, which shows
 whether instances are reused (`ttl > 0`) or fresh (`ttl: 0`).
 """
@@ -84,6 +85,8 @@ class IncomingHandler(exports.IncomingHandler):
                 respond(out, 404, b"not set\n")
             else:
                 respond(out, 200, value.encode())
+        elif path == "/base":
+            respond(out, 200, header(request, "x-marina-base"))
         elif path == "/count":
             respond(out, 200, f"{served}\n".encode())
         else:

@@ -14,6 +14,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::backends::wasm::pool::Pool;
 use crate::deploy::config::WorkerConfig;
 use crate::deploy::registry::{App, AppKind, AppVersion};
 use crate::error::Error;
@@ -227,12 +228,19 @@ struct VersionListing<'a> {
     config: Option<WorkerConfig>,
     /// Null when the version can be served.
     error: Option<&'a str>,
+    /// Why the version gets a fresh instance per request whatever its `ttl`, when it does.
+    #[serde(rename = "reuseOff", skip_serializing_if = "Option::is_none")]
+    reuse_off: Option<&'static str>,
 }
 
 /// Every app, its versions with their entrypoint, kind and effective config, and everything that is wrong.
 async fn deployments(State(state): State<AppState>) -> Response {
     let snapshot = state.registry.snapshot();
-    let apps = snapshot.sorted_apps().into_iter().map(|app| app_listing(app)).collect();
+    let apps = snapshot
+        .sorted_apps()
+        .into_iter()
+        .map(|app| app_listing(app, &state.pool))
+        .collect();
     let listing = Deployments {
         apps_dir: state.registry.apps_dir(),
         apps,
@@ -241,15 +249,19 @@ async fn deployments(State(state): State<AppState>) -> Response {
     Json(listing).into_response()
 }
 
-fn app_listing(app: &App) -> AppListing<'_> {
+fn app_listing<'a>(app: &'a App, pool: &Pool) -> AppListing<'a> {
     AppListing {
         name: &app.name,
-        versions: app.versions.iter().map(|v| version_listing(v)).collect(),
+        versions: app
+            .versions
+            .iter()
+            .map(|v| version_listing(&app.name, v, pool))
+            .collect(),
         ignored: &app.ignored,
     }
 }
 
-fn version_listing(version: &AppVersion) -> VersionListing<'_> {
+fn version_listing<'a>(app: &str, version: &'a AppVersion, pool: &Pool) -> VersionListing<'a> {
     let mut listing = VersionListing {
         version: version.version.to_string(),
         dir: &version.dir_name,
@@ -257,6 +269,7 @@ fn version_listing(version: &AppVersion) -> VersionListing<'_> {
         entrypoint: None,
         config: None,
         error: None,
+        reuse_off: pool.reuse_off(app, &version.version.to_string()),
     };
     match &version.deployment {
         Ok(deployment) => {

@@ -83,30 +83,39 @@ pub fn guest(name: &str) -> PathBuf {
 /// PyPI), once per process; returns the path of the built component.
 pub fn python_guest() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT.get_or_init(|| built_by("python")).clone()
+    BUILT.get_or_init(|| built_by("python", "hello-python", None)).clone()
 }
 
-/// The JavaScript example of `runtime-sdk/js`, built from source by its build script with componentize-js (from
-/// npm), once per process; returns the path of the built component.
+/// The JavaScript example of `runtime-sdk/js` (`app.js`), built from source by its build script with
+/// componentize-js (from npm), once per process; returns the path of the built component.
 pub fn js_guest() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT.get_or_init(|| built_by("js")).clone()
+    BUILT.get_or_init(|| built_by("js", "hello-js", None)).clone()
 }
 
-/// Runs `runtime-sdk/<language>/build` into `target/languages/`; the script does nothing when its output is newer
-/// than its sources.
-fn built_by(language: &str) -> PathBuf {
+/// `runtime-sdk/js/fetch-event.js`, a `fetch` event listener, built the same way.
+pub fn js_fetch_event_guest() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| built_by("js", "fetch-event", Some("fetch-event.js")))
+        .clone()
+}
+
+/// Runs `runtime-sdk/<language>/build` (on `source`, if given) into `target/languages/<name>.wasm`; the script
+/// does nothing when its output is newer than its sources.
+fn built_by(language: &str, name: &str, source: Option<&str>) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = root
-        .join("target")
-        .join("languages")
-        .join(format!("hello-{language}.wasm"));
-    let script = root.join("runtime-sdk").join(language).join("build");
-    let output = Command::new(&script).arg(&out).output().expect("the build script runs");
+    let dir = root.join("runtime-sdk").join(language);
+    let out = root.join("target").join("languages").join(format!("{name}.wasm"));
+    let mut command = Command::new(dir.join("build"));
+    command.arg(&out);
+    if let Some(source) = source {
+        command.arg(dir.join(source));
+    }
+    let output = command.output().expect("the build script runs");
     assert!(
         output.status.success(),
-        "{} failed:\n{}{}",
-        script.display(),
+        "building {name} with runtime-sdk/{language}/build failed:\n{}{}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );

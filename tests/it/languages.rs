@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::common::{client, get_json, languages_cache, python_guest, TestServer};
+use crate::common::{client, get_json, js_fetch_event_guest, js_guest, languages_cache, python_guest, TestServer};
 
 /// Long enough for the first request to wait out a compile on a loaded 2-core machine (a Python component takes
 /// 15 s in release builds).
@@ -67,6 +67,8 @@ async fn serves_get_and_post_fresh_and_reused_with_its_own_env(wasm: &Path, gree
     assert_eq!(get(&server, "/warm/env/SECRET").await, (200, "warm's own".into()));
     assert_eq!(get(&server, "/fresh/env/SECRET").await.0, 404);
     assert_eq!(get(&server, "/warm/env/PATH").await.0, 404);
+    // The prefix it was reached under, for the links it makes.
+    assert_eq!(get(&server, "/warm@1/base").await, (200, "/warm@1".into()));
     // A body of many chunks, each way.
     let body: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     for app in ["warm", "fresh"] {
@@ -82,13 +84,13 @@ async fn serves_get_and_post_fresh_and_reused_with_its_own_env(wasm: &Path, gree
         assert_eq!(response.bytes().await.unwrap(), body, "{app} echoes the body");
     }
 
-    // warm: 1 + 3 + 2 + 1 requests (one 404), fresh: 1 + 3 + 1 + 1 (one 404), each counted once it is over.
+    // warm: 1 + 3 + 3 + 1 requests (one 404), fresh: 1 + 3 + 1 + 1 (one 404), each counted once it is over.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (_, stats) = get_json(&server, "/_/stats").await;
         let requests = |app: &str| stats["apps"][format!("{app}@1.0.0")]["requests"].as_u64();
-        if (requests("warm"), requests("fresh")) == (Some(7), Some(6)) {
-            assert_eq!(stats["apps"]["warm@1.0.0"]["statuses"], json!({"200": 6, "404": 1}));
+        if (requests("warm"), requests("fresh")) == (Some(8), Some(6)) {
+            assert_eq!(stats["apps"]["warm@1.0.0"]["statuses"], json!({"200": 7, "404": 1}));
             assert_eq!(stats["apps"]["fresh@1.0.0"]["statuses"], json!({"200": 5, "404": 1}));
             assert_eq!(stats["pool"]["totalWorkersFailed"], 0, "{}", stats["pool"]);
             break;
@@ -101,6 +103,41 @@ async fn serves_get_and_post_fresh_and_reused_with_its_own_env(wasm: &Path, gree
 #[tokio::test]
 async fn a_python_app_serves_get_and_post_on_fresh_and_reused_instances_with_its_own_env() {
     serves_get_and_post_fresh_and_reused_with_its_own_env(&python_guest(), "from Python").await;
+}
+
+#[tokio::test]
+async fn a_javascript_app_serves_get_and_post_on_fresh_and_reused_instances_with_its_own_env() {
+    serves_get_and_post_fresh_and_reused_with_its_own_env(&js_guest(), "from JavaScript").await;
+}
+
+#[tokio::test]
+async fn a_fetch_event_app_whose_reused_instance_answers_nothing_gets_a_fresh_instance_per_request_from_then_on() {
+    let apps = tempfile::tempdir().unwrap();
+    deploy(
+        apps.path(),
+        "listener",
+        &js_fetch_event_guest(),
+        json!({"ttl": 300, "timeout": FIRST_REQUEST_TIMEOUT_SECS}),
+    );
+    let mut options = marina::server::ServeOptions::new(apps.path());
+    options.cache_dir = Some(languages_cache());
+    let server = TestServer::start_with(options).await;
+    let (_, listing) = get_json(&server, "/_/deployments").await;
+    assert!(!listing.to_string().contains("reuseOff"), "{listing}");
+
+    assert_eq!(get(&server, "/listener/").await, (200, "fetch event 1\n".into()));
+    // Its warm instance answers nothing the second time: that request fails, as with `wasmtime serve`...
+    let (status, text) = get(&server, "/listener/").await;
+    assert_eq!(status, 500, "{text}");
+    assert!(text.contains("response-outparam::set was never called"), "{text}");
+    // ... and from then on every request gets an instance of its own, which answers.
+    for _ in 0..5 {
+        assert_eq!(get(&server, "/listener/").await, (200, "fetch event 1\n".into()));
+    }
+    let (_, listing) = get_json(&server, "/_/deployments").await;
+    let version = &listing["apps"][0]["versions"][0];
+    let reason = version["reuseOff"].as_str().unwrap_or_else(|| panic!("{version}"));
+    assert!(reason.contains("componentize-js's fetch event"), "{reason}");
 }
 
 #[tokio::test]

@@ -341,6 +341,11 @@ impl Pool {
             }
             Outcome::NoResponse => Some(NO_RESPONSE.to_owned()),
         };
+        // A worker that had answered before and now answers nothing will do so again: its version is served on
+        // fresh instances from now on.
+        if matches!(outcome, Outcome::NoResponse) && lease.worker.status.requests() > 0 {
+            self.serve_single_use(&lease.runtime);
+        }
         let failed = failure.is_some();
         if let Some(failure) = failure {
             bump(&counters.failed);

@@ -36,6 +36,7 @@ impl VersionRuntime {
         config.ttl > 0
             && config.idle_timeout > 0
             && !self.retired.load(std::sync::atomic::Ordering::Relaxed)
+            && !self.single_use.load(std::sync::atomic::Ordering::Relaxed)
             && now.duration_since(worker.status.created) < Duration::from_secs(config.ttl)
             && (config.max_requests == 0 || worker.status.requests() < config.max_requests)
     }

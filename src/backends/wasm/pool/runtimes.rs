@@ -26,6 +26,11 @@ use crate::log_fields::millis;
 /// An app and one of its versions.
 type VersionKey = (String, String);
 
+/// What the log and `/_/deployments` say of a version whose reused instances answer nothing.
+const SINGLE_USE: &str = "a reused instance returned without a response (componentize-js's fetch event does so on \
+                          every request after an instance's first), so each request now gets a fresh instance; \
+                          export wasi:http's incoming-handler instead to have instances reused (see runtime-sdk/js)";
+
 /// A compiled version and its warm workers' identity; replaced when the version's files or config change.
 pub(crate) struct VersionRuntime {
     /// Names the runtime in the pool's state.
@@ -41,6 +46,10 @@ pub(crate) struct VersionRuntime {
     compile_started: OnceLock<Instant>,
     /// Set once a newer runtime replaced this one, or its version went: its workers are not kept.
     pub(super) retired: AtomicBool,
+    /// Set when one of its instances that had served a request returned the next one without a response, as a
+    /// componentize-js fetch-event component does every time: its workers are not kept, so each request gets
+    /// a fresh instance. A new build of the version (a new runtime) starts trusted again.
+    pub(super) single_use: AtomicBool,
 }
 
 impl VersionRuntime {
@@ -159,6 +168,7 @@ impl Pool {
             loaded: OnceCell::new(),
             compile_started: OnceLock::new(),
             retired: AtomicBool::new(false),
+            single_use: AtomicBool::new(false),
         });
         if let Some(old) = runtimes.insert(key, runtime.clone()) {
             drop(runtimes);
@@ -240,16 +250,42 @@ impl Pool {
     /// Drops a runtime's idle workers and marks it so that its busy ones are not kept either.
     fn retire(&self, runtime: &VersionRuntime) {
         runtime.retired.store(true, Ordering::Relaxed);
+        self.drop_idle(runtime);
+        self.shared.lock().failure_score.remove(&runtime.key);
+    }
+
+    /// Drops the idle workers of `runtime` (outside the lock: dropping one frees its slot, which takes it).
+    fn drop_idle(&self, runtime: &VersionRuntime) {
         let dropped = {
             let mut state = self.shared.lock();
             let dropped = state.idle.remove(&runtime.key).unwrap_or_default();
             for idle in &dropped {
                 state.lru.pop(&idle.worker.id());
             }
-            state.failure_score.remove(&runtime.key);
             dropped
         };
         drop(dropped);
+    }
+
+    /// A reused instance of `runtime` returned without a response: from now on the version gets a fresh instance
+    /// per request, which such a component answers (said once in the log, and in `/_/deployments`).
+    pub(super) fn serve_single_use(&self, runtime: &VersionRuntime) {
+        if runtime.single_use.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        tracing::warn!(
+            app = %runtime.identity.app,
+            version = %runtime.identity.version,
+            "{SINGLE_USE}"
+        );
+        self.drop_idle(runtime);
+    }
+
+    /// Why a deployed version gets a fresh instance per request whatever its `ttl`, if it does.
+    pub(crate) fn reuse_off(&self, app: &str, version: &str) -> Option<&'static str> {
+        let runtimes = lock(&self.versions.runtimes);
+        let runtime = runtimes.get(&(app.to_owned(), version.to_owned()))?;
+        runtime.single_use.load(Ordering::Relaxed).then_some(SINGLE_USE)
     }
 
     /// Guest CPU per deployed WASM version, and the CPU of versions no longer deployed.
