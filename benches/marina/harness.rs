@@ -300,6 +300,40 @@ pub fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
 }
 
+/// How many requests `wasmtime serve` may give one instance in the reuse anchor: in effect, never a new one.
+const REUSE_COUNT: &str = "1000000000";
+
+/// `wasmtime serve` on the same component, when a `wasmtime` binary is given in `WASMTIME` (or on the PATH), as
+/// the reference host: with `reuse`, instances serve many requests (and a timeout is kept, as Marina always
+/// has one); without, each request gets a fresh instance, `wasmtime serve`'s default for wasip2. Returns the child
+/// and the address it listens on, once it listens (within `startup`, which covers its compile of the component).
+pub fn start_wasmtime_serve(
+    component: &Path,
+    reuse: bool,
+    startup: Duration,
+) -> Option<(std::process::Child, SocketAddr)> {
+    let binary = std::env::var("WASMTIME").unwrap_or_else(|_| "wasmtime".into());
+    let addr = free_addr()?;
+    let mut command = Command::new(binary);
+    command.args(["serve", "-Scli", "--addr", &addr.to_string()]);
+    if reuse {
+        command.args([
+            "--max-instance-reuse-count",
+            REUSE_COUNT,
+            "--idle-instance-timeout",
+            "3600s",
+            "-Wtimeout=30s",
+        ]);
+    }
+    let child = command
+        .arg(component)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    when_listening(child, addr, startup)
+}
+
 /// A free port on 127.0.0.1, for a child process to listen on.
 pub fn free_addr() -> Option<SocketAddr> {
     std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()

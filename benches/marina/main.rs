@@ -1,10 +1,10 @@
 //! Marina's benchmarks, in one binary: each benchmark binary links wasmtime, and `cargo test --all-targets` builds
-//! and runs every one, so one binary instead of seven saves CI six links.
+//! and runs every one, so one binary instead of eight saves CI seven links.
 //!
 //! `cargo bench --bench marina -- <name>` runs one benchmark, `-- <name> <name>` several in turn, and
 //! `cargo bench --bench marina` all of them (which takes the better part of an hour). The names are those of
 //! [`BENCHMARKS`], each a module here whose header says what it measures and what it needs (`wrk`, valgrind,
-//! nginx). One benchmark per run is the way to take figures: each starts its own servers, but threads that one
+//! nginx, the Python and JavaScript toolchains). One benchmark per run is the way to take figures: each starts its own servers, but threads that one
 //! leaves idle stay in the process.
 //!
 //! Run without `--bench` (as `cargo test --all-targets` does), each benchmark only checks that its scenarios
@@ -19,6 +19,7 @@ use std::time::Instant;
 mod call;
 mod harness;
 mod isolation;
+mod languages;
 mod memory;
 mod proxy;
 mod proxy_cost;
@@ -34,10 +35,11 @@ mod common;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Every benchmark, by the name that selects it, in the order a run of all of them takes.
-const BENCHMARKS: [(&str, fn()); 7] = [
+const BENCHMARKS: [(&str, fn()); 8] = [
     ("resolve", resolve::main),
     ("call", call::main),
     ("workers", workers::main),
+    ("languages", languages::main),
     ("memory", memory::main),
     ("proxy", proxy::main),
     ("proxy_cost", proxy_cost::main),

@@ -22,7 +22,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -39,6 +38,8 @@ use crate::harness::{self, deploy, median, start_marina, start_marina_with, star
 const FIRST_REQUEST_SAMPLES: usize = 5;
 /// Alternating runs per side when comparing metrics on and off; the median of each side is reported.
 const METRICS_ROUNDS: usize = 5;
+/// How long `wasmtime serve` may take to compile the hello component and listen.
+const WASMTIME_STARTUP: Duration = Duration::from_secs(30);
 /// Requests answered in process to time the metrics' share of a request.
 const RECORDINGS: u32 = 200_000;
 
@@ -58,36 +59,6 @@ async fn first_requests(apps: &Path, cache_dir: &Path, prefix: &str, count: usiz
     }
     server.stop().await;
     samples
-}
-
-/// How many requests `wasmtime serve` may give one instance in the reuse anchor: in effect, never a new one.
-const REUSE_COUNT: &str = "1000000000";
-
-/// `wasmtime serve` on the same component, when a `wasmtime` binary is given in `WASMTIME` (or on the PATH), as
-/// the reference host: with `reuse`, instances serve many requests (and a timeout is kept, as Marina always
-/// has one); without, each request gets a fresh instance, `wasmtime serve`'s default for wasip2. Returns the child
-/// and the address it listens on.
-fn start_wasmtime_serve(component: &Path, reuse: bool) -> Option<(std::process::Child, SocketAddr)> {
-    let binary = std::env::var("WASMTIME").unwrap_or_else(|_| "wasmtime".into());
-    let addr = harness::free_addr()?;
-    let mut command = Command::new(binary);
-    command.args(["serve", "-Scli", "--addr", &addr.to_string()]);
-    if reuse {
-        command.args([
-            "--max-instance-reuse-count",
-            REUSE_COUNT,
-            "--idle-instance-timeout",
-            "3600s",
-            "-Wtimeout=30s",
-        ]);
-    }
-    let child = command
-        .arg(component)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .ok()?;
-    harness::when_listening(child, addr, Duration::from_secs(30))
 }
 
 /// What a scenario's rate is compared with, besides the native handler.
@@ -123,8 +94,8 @@ pub fn main() {
         let native = start_native().await;
         let marina = start_marina(apps.path(), None).await;
         let shared = start_marina_with(apps.path(), |options| options.serving_cores = 0).await;
-        let reusing = start_wasmtime_serve(&hello, true);
-        let fresh = start_wasmtime_serve(&hello, false);
+        let reusing = harness::start_wasmtime_serve(&hello, true, WASMTIME_STARTUP);
+        let fresh = harness::start_wasmtime_serve(&hello, false, WASMTIME_STARTUP);
         if reusing.is_none() || fresh.is_none() {
             eprintln!(
                 "no `wasmtime` binary (set WASMTIME, or `cargo install --locked wasmtime-cli@48`): the wasmtime serve \
