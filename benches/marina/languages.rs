@@ -19,8 +19,10 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::common;
-use crate::harness::{self, start_marina, wrk, Load};
+use crate::harness::{self, start_marina_with, wrk, Load, POOL_SIZE};
 
+/// Marina's pool here: the two warm apps' workers and the fresh ones, one per connection each.
+const LANGUAGES_POOL_SIZE: usize = 3 * POOL_SIZE;
 /// How long `wasmtime serve` may take to compile a Python or JavaScript component and listen.
 const WASMTIME_STARTUP: Duration = Duration::from_secs(180);
 
@@ -60,7 +62,14 @@ pub fn main() {
                 json!({"ttl": 0, "timeout": 300}),
             );
         }
-        let marina = start_marina(apps.path(), Some(common::languages_cache())).await;
+        // Room for both warm apps' workers (one per connection each) and the fresh ones in flight, as each anchor
+        // is a process of its own: with the usual pool, the warm apps would evict each other's workers as the
+        // scenarios take turns, and each round would start by instantiating Python or JavaScript afresh.
+        let marina = start_marina_with(apps.path(), |options| {
+            options.cache_dir = Some(common::languages_cache());
+            options.pool_size = LANGUAGES_POOL_SIZE;
+        })
+        .await;
 
         let mut anchors: Vec<Child> = Vec::new();
         let mut scenarios: Vec<Scenario> = Vec::new();
