@@ -104,6 +104,10 @@ pub fn js_fetch_event_guest() -> PathBuf {
 /// Runs `runtime-sdk/<language>/build` (on `source`, if given) into `target/languages/<name>.wasm`; the script
 /// does nothing when its output is newer than its sources.
 fn built_by(language: &str, name: &str, source: Option<&str>) -> PathBuf {
+    // One build at a time: two builds of one language share its toolchain's install (`npm ci` replaces
+    // `node_modules` whole), and the machine has two cores either way.
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _building = BUILDING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = root.join("runtime-sdk").join(language);
     let out = root.join("target").join("languages").join(format!("{name}.wasm"));

@@ -228,6 +228,12 @@ async fn an_eviction_is_counted() {
     options.pool_size = 1;
     let server = TestServer::start_with(options).await;
     assert_eq!(status_of(&server, "/one/count").await, 200);
+    // Idle, its worker can be evicted; still busy (its body just ended), `two` would wait in the queue for it.
+    eventually(Duration::from_secs(10), "one's worker idle", async || {
+        let metrics = get_json(&server, "/_/metrics").await;
+        (metrics["idleWorkers"] == 1).then_some(())
+    })
+    .await;
     assert_eq!(count(&get_json(&server, "/_/metrics").await["evictions"]), 0);
     assert_eq!(status_of(&server, "/two/count").await, 200);
     let metrics = get_json(&server, "/_/metrics").await;

@@ -75,6 +75,42 @@ async fn a_handler_that_returns_without_responding_gets_500_at_once_and_the_next
 }
 
 #[tokio::test]
+async fn one_route_that_answers_nothing_on_a_reused_instance_leaves_the_version_s_instances_reused() {
+    let apps = AppsDir::new();
+    apps.component("warm", "1.0.0", "raw_wasip2", json!({"ttl": 30, "timeout": 5}));
+    let server = start(&apps).await;
+    let idle_then_created = async || {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (_, metrics) = get(&server, "/_/metrics").await;
+            if metrics["idleWorkers"] == 1 {
+                return metrics["totalWorkersCreated"].as_u64().unwrap();
+            }
+            assert!(Instant::now() < deadline, "no worker went back to the pool: {metrics}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    // A reused instance answers: the version's instances can be reused.
+    for _ in 0..2 {
+        assert_eq!(get(&server, "/warm/ok").await.0, 200);
+        idle_then_created().await;
+    }
+    // Then one route forgets its response on the reused instance: that call fails, and its instance goes...
+    assert_eq!(get(&server, "/warm/no-response/drop").await.0, 500);
+    let (_, listing) = get(&server, "/_/deployments").await;
+    assert!(!listing.to_string().contains("reuseOff"), "{listing}");
+    // ... but the version's next instance is kept and reused as before.
+    assert_eq!(get(&server, "/warm/ok").await.0, 200);
+    let created = idle_then_created().await;
+    assert_eq!(get(&server, "/warm/ok").await.0, 200);
+    assert_eq!(
+        idle_then_created().await,
+        created,
+        "the second request reused the first one's instance"
+    );
+}
+
+#[tokio::test]
 async fn the_timeout_covers_the_wait_for_the_head_and_a_body_that_stalls_is_cut_and_its_worker_discarded() {
     let _machine = crate::timed().await; // the 504 within 2.5 s
     let apps = AppsDir::new();

@@ -341,10 +341,14 @@ impl Pool {
             }
             Outcome::NoResponse => Some(NO_RESPONSE.to_owned()),
         };
-        // A worker that had answered before and now answers nothing will do so again: its version is served on
-        // fresh instances from now on.
-        if matches!(outcome, Outcome::NoResponse) && lease.worker.status.requests() > 0 {
-            self.serve_single_use(&lease.runtime);
+        // A call on a worker that had served before: one that answers nothing, of a version whose reused workers
+        // never answered, will do so again, and the version is served on fresh instances from then on.
+        if lease.worker.status.requests() > 0 {
+            match outcome {
+                Outcome::Returned => self.reused_call_ended(&lease.runtime, true),
+                Outcome::NoResponse => self.reused_call_ended(&lease.runtime, false),
+                _ => {}
+            }
         }
         let failed = failure.is_some();
         if let Some(failure) = failure {

@@ -46,10 +46,14 @@ pub(crate) struct VersionRuntime {
     compile_started: OnceLock<Instant>,
     /// Set once a newer runtime replaced this one, or its version went: its workers are not kept.
     pub(super) retired: AtomicBool,
-    /// Set when one of its instances that had served a request returned the next one without a response, as a
-    /// componentize-js fetch-event component does every time: its workers are not kept, so each request gets
-    /// a fresh instance. A new build of the version (a new runtime) starts trusted again.
+    /// Set when one of its instances that had served a request returned the next one without a response, and no
+    /// reused instance of it ever answered, as with a componentize-js fetch-event component: its workers are not
+    /// kept, so each request gets a fresh instance. A new build of the version (a new runtime) starts trusted
+    /// again.
     pub(super) single_use: AtomicBool,
+    /// Set once a reused instance of it answered: a later call that answers nothing is then that call's bug (one
+    /// route that forgets its response), not a component that cannot be reused.
+    pub(super) reuse_answered: AtomicBool,
 }
 
 impl VersionRuntime {
@@ -169,6 +173,7 @@ impl Pool {
             compile_started: OnceLock::new(),
             retired: AtomicBool::new(false),
             single_use: AtomicBool::new(false),
+            reuse_answered: AtomicBool::new(false),
         });
         if let Some(old) = runtimes.insert(key, runtime.clone()) {
             drop(runtimes);
@@ -267,10 +272,18 @@ impl Pool {
         drop(dropped);
     }
 
-    /// A reused instance of `runtime` returned without a response: from now on the version gets a fresh instance
-    /// per request, which such a component answers (said once in the log, and in `/_/deployments`).
-    pub(super) fn serve_single_use(&self, runtime: &VersionRuntime) {
-        if runtime.single_use.swap(true, Ordering::Relaxed) {
+    /// Follows what reused instances of `runtime` do: if one returned without a response (`answered` false) and
+    /// none ever answered, from now on the version gets a fresh instance per request, which such a component
+    /// answers (said once in the log, and in `/_/deployments`).
+    pub(super) fn reused_call_ended(&self, runtime: &VersionRuntime, answered: bool) {
+        if answered {
+            // Read first, so that the cache line is written once per version, not by every call.
+            if !runtime.reuse_answered.load(Ordering::Relaxed) {
+                runtime.reuse_answered.store(true, Ordering::Relaxed);
+            }
+            return;
+        }
+        if runtime.reuse_answered.load(Ordering::Relaxed) || runtime.single_use.swap(true, Ordering::Relaxed) {
             return;
         }
         tracing::warn!(
