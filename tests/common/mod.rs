@@ -46,7 +46,7 @@ impl AppsDir {
 
 /// The example components of `runtime-sdk/examples`, built from source once per process (for the test binary:
 /// once per run, by whichever test asks first, while the others wait); returns the path of the built
-/// `<name>.wasm` (`hello`, `echo`, `todo_api`, `lab`, `raw_wasip2`, `command`).
+/// `<name>.wasm` (`hello`, `echo`, `todo_api`, `lab`, `raw_wasip2`, `command`, `wasi03`).
 pub fn guest(name: &str) -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     let dir = BUILT.get_or_init(|| {
@@ -434,6 +434,18 @@ impl Drop for MarinaProcess {
 }
 
 /// GETs `path` and returns the status and the body as JSON (a body that is not JSON comes as `{"text": ...}`).
+/// Polls `probe` until it gives a value, for at most `limit`; fails naming `what` if it never does.
+pub async fn eventually<T>(limit: Duration, what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{what} did not happen within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub async fn get_json(server: &TestServer, path: &str) -> (u16, serde_json::Value) {
     let response = client().get(server.url(path)).send().await.unwrap();
     let status = response.status().as_u16();

@@ -1,13 +1,16 @@
-//! Apps written in other languages, built in the run by their real toolchains from the sources in `runtime-sdk/`:
-//! each serves GET and POST on fresh (`ttl: 0`) and reused (`ttl > 0`) instances, sees only its own environment,
-//! and is counted by the metrics; a first request that outlasts its version's compile is told so.
+//! Apps written in other languages, or against WASI 0.3, built in the run by their real toolchains from the sources
+//! in `runtime-sdk/`: each serves GET and POST on fresh (`ttl: 0`) and reused (`ttl > 0`) instances, sees only its
+//! own environment, and is counted by the metrics; a first request that outlasts its version's compile is told so.
+//! A WASI 0.3 handler's body, written after it returned, streams; its failures are a 0.2 handler's.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::common::{client, get_json, js_fetch_event_guest, js_guest, languages_cache, python_guest, TestServer};
+use crate::common::{
+    client, eventually, get_json, guest, js_fetch_event_guest, js_guest, languages_cache, python_guest, TestServer,
+};
 
 /// Long enough for the first request to wait out a compile on a loaded 2-core machine (a Python component takes
 /// 15 s in release builds).
@@ -108,6 +111,93 @@ async fn a_python_app_serves_get_and_post_on_fresh_and_reused_instances_with_its
 #[tokio::test]
 async fn a_javascript_app_serves_get_and_post_on_fresh_and_reused_instances_with_its_own_env() {
     serves_get_and_post_fresh_and_reused_with_its_own_env(&js_guest(), "from JavaScript").await;
+}
+
+#[tokio::test]
+async fn a_wasi_0_3_app_serves_get_and_post_on_fresh_and_reused_instances_with_its_own_env() {
+    serves_get_and_post_fresh_and_reused_with_its_own_env(&guest("wasi03"), "from WASI 0.3").await;
+}
+
+#[tokio::test]
+async fn a_wasi_0_3_body_written_after_its_handler_returned_streams_and_its_failures_fail_only_their_instance() {
+    let apps = tempfile::tempdir().unwrap();
+    deploy(apps.path(), "p3", &guest("wasi03"), json!({"ttl": 300, "timeout": 2}));
+    deploy(apps.path(), "p2", &guest("hello"), json!({"ttl": 300}));
+    let mut options = marina::server::ServeOptions::new(apps.path());
+    options.precompile = true;
+    let server = TestServer::start_with(options).await;
+
+    // The head comes at once; the lines, written 50 ms apart by a task the handler spawned, arrive as written.
+    let started = Instant::now();
+    let mut response = client().get(server.url("/p3/stream")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut arrivals = Vec::new();
+    let mut body = String::new();
+    while let Some(chunk) = response.chunk().await.unwrap() {
+        arrivals.push(started.elapsed());
+        body.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    assert_eq!(body, "line 0\nline 1\nline 2\n");
+    assert!(
+        arrivals.len() >= 2 && arrivals.last().unwrap().saturating_sub(arrivals[0]) >= Duration::from_millis(90),
+        "the body streamed in parts as the guest wrote them, not all at the end: {arrivals:?}"
+    );
+    // The instance that streamed is reused: the body's end was its call's end. (It is back in the pool just after
+    // the client read that end.)
+    eventually(Duration::from_secs(10), "the streaming worker idle", async || {
+        (get_json(&server, "/_/metrics").await.1["busyWorkers"] == 0).then_some(())
+    })
+    .await;
+    let (status, count) = get(&server, "/p3/count").await;
+    assert_eq!(
+        (status, count.trim().parse::<u64>().unwrap() > 1),
+        (200, true),
+        "{count}"
+    );
+
+    // An error code instead of a response is the app's answer (500), its instance kept, as a 0.2 handler's. A trap
+    // and a loop past the timeout are that request's 500 and 504, and the next request gets a new instance that
+    // answers, while a 0.2 app beside it keeps answering.
+    let (status, body) = get_json(&server, "/p3/error").await;
+    assert_eq!((status, body["code"].as_str()), (500, Some("app_failed")), "{body}");
+    assert!(body["error"].as_str().unwrap().contains("ConnectionRefused"), "{body}");
+    let (status, body) = get_json(&server, "/p3/trap").await;
+    assert_eq!((status, body["code"].as_str()), (500, Some("app_failed")), "{body}");
+    assert_eq!(
+        get(&server, "/p3/count").await,
+        (200, "1\n".into()),
+        "a trapped instance is not reused"
+    );
+    let looping = tokio::spawn({
+        let url = server.url("/p3/loop");
+        async move { client().get(url).send().await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        get(&server, "/p2/").await.0,
+        200,
+        "the 0.2 app answers while the 0.3 one loops"
+    );
+    let looped = looping.await.unwrap();
+    assert_eq!(looped.status(), 504);
+    assert_eq!(
+        get(&server, "/p3/count").await,
+        (200, "1\n".into()),
+        "a timed-out instance is not reused"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, stats) = get_json(&server, "/_/stats").await;
+        let app = &stats["apps"]["p3@1.0.0"];
+        if app["requests"] == 7 {
+            assert_eq!(app["statuses"], json!({"200": 4, "500": 2, "504": 1}), "{app}");
+            assert_eq!(stats["pool"]["totalWorkersFailed"], 2, "{}", stats["pool"]);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the requests were not counted: {stats}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use crate::common::{client, AppsDir, TestServer};
+use crate::common::{client, eventually, AppsDir, TestServer};
 use futures_util::StreamExt;
 use marina::server::ServeOptions;
 use serde_json::{json, Value};
@@ -28,18 +28,6 @@ async fn lab(config: Value, pool_size: usize) -> (AppsDir, TestServer) {
     options.precompile = true;
     let server = TestServer::start_with(options).await;
     (apps, server)
-}
-
-/// Polls `probe` until it gives a value, for at most `limit`; fails naming `what` if it never does.
-async fn eventually<T>(limit: Duration, what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = probe().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "{what} did not happen within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// `/_/metrics` as Prometheus text, checked against the format and parsed into its series.

@@ -37,14 +37,15 @@ use http::HeaderValue;
 use http_body::{Frame, SizeHint};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::sync::{oneshot, Notify};
-use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::WasiHttpView;
 
 use crate::backends::stall::StallTimeout;
 use crate::backends::wasm::lanes::Inline;
 use crate::backends::wasm::pool::{AcquireError, Lease, Outcome, Pool, VersionRuntime, NO_RESPONSE};
-use crate::backends::wasm::worker::CallClock;
+use crate::backends::wasm::wasi03;
+use crate::backends::wasm::worker::{CallClock, Guest, GuestResponse};
 use crate::error::Error;
 
 /// How long the response head waits for the call to end (its body gathered meanwhile) before it leaves with
@@ -58,8 +59,6 @@ const GATHER_BYTES: usize = 64 * 1024;
 /// next (the stats, a fresh worker) follows from it. A guest lane starved of CPU does not hold the 504 longer.
 const TIMEOUT_SETTLE: Duration = Duration::from_secs(1);
 
-/// What a guest's handler gives back through its `response-outparam`.
-type GuestResponse = Result<hyper::Response<HyperOutgoingBody>, ErrorCode>;
 /// What the call sends the front: the response head with its streaming body, or why there is none.
 type Head = Result<hyper::Response<HyperOutgoingBody>, Error>;
 
@@ -74,8 +73,8 @@ enum AppFailure {
     #[error("{}", first_line(&.0.to_string()))]
     Trapped(Arc<wasmtime::Error>),
     /// The handler set an error code instead of a response.
-    #[error("the app answered with an error: {0:?}")]
-    Answered(ErrorCode),
+    #[error("the app answered with an error: {0}")]
+    Answered(String),
 }
 
 /// Why a version's health check found no worker to be had.
@@ -291,14 +290,20 @@ async fn run(
     let (outcome, answer) = {
         let Lease { worker, .. } = &mut lease;
         let call = async {
-            let data = worker.store.data_mut();
-            let request = data.http().new_incoming_request(Scheme::Http, request)?;
-            let out = data.http().new_response_outparam(outparam)?;
-            worker
-                .proxy
-                .wasi_http_incoming_handler()
-                .call_handle(&mut worker.store, request, out)
-                .await
+            match &worker.guest {
+                Guest::Wasi02(proxy) => {
+                    let data = worker.store.data_mut();
+                    let request = data.http().new_incoming_request(Scheme::Http, request)?;
+                    let out = data.http().new_response_outparam_from_callback(move |set| {
+                        let _ = outparam.send(set.map_err(|code| format!("{code:?}")));
+                    })?;
+                    proxy
+                        .wasi_http_incoming_handler()
+                        .call_handle(&mut worker.store, request, out)
+                        .await
+                }
+                Guest::Wasi03(service) => wasi03::call(&mut worker.store, service, request, outparam).await,
+            }
         };
         let timing = Timing {
             clock: &clock,

@@ -14,9 +14,11 @@ use std::time::Instant;
 use wasmtime::component::ResourceTable;
 use wasmtime::{Store, StoreLimitsBuilder, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
-use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
+use wasmtime_wasi_http::p2::bindings::Proxy;
+use wasmtime_wasi_http::p3::bindings::Service;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
+use crate::backends::wasm::engine::Pre;
 use crate::backends::wasm::guest_log::{GuestLog, LogBudget};
 use crate::backends::wasm::status::{MeteredLimits, Registration, WorkerStatus, WorkerTable};
 use crate::deploy::registry::Deployment;
@@ -120,20 +122,31 @@ impl WasiHttpView for WorkerState {
     }
 }
 
+/// What a guest's handler answers: the response head with its streaming body, or the error code it answered
+/// with instead (as text: the two WASI releases have types of their own).
+pub(crate) type GuestResponse = Result<hyper::Response<wasmtime_wasi_http::p2::body::HyperOutgoingBody>, String>;
+
+/// A live instance's handler export, of either kind.
+pub(crate) enum Guest {
+    Wasi02(Proxy),
+    Wasi03(Service),
+}
+
 /// A live instance: its store, its exports, and its history (in its status, which the stats read too).
 pub(crate) struct Worker {
     pub(crate) store: Store<WorkerState>,
-    pub(crate) proxy: Proxy,
+    pub(crate) guest: Guest,
     /// Its id, age, requests served and last use; listed in the pool's table while `_listed` lives.
     pub(crate) status: Arc<WorkerStatus>,
     _listed: Registration,
 }
 
 impl Worker {
-    /// Instantiates `pre` in a fresh store set up for `deployment`, trapping if that outlasts `clock`'s deadline.
+    /// Instantiates `pre` in a fresh store of `engine` (the one it was compiled for) set up for `deployment`,
+    /// trapping if that outlasts `clock`'s deadline.
     pub(crate) async fn new(
         engine: &wasmtime::Engine,
-        pre: &ProxyPre<WorkerState>,
+        pre: &Pre,
         deployment: &Deployment,
         identity: &Identity,
         clock: Arc<CallClock>,
@@ -184,10 +197,13 @@ impl Worker {
                 Ok(UpdateDeadline::Yield(1))
             }
         });
-        let proxy = pre.instantiate_async(&mut store).await?;
+        let guest = match pre {
+            Pre::Wasi02(pre) => Guest::Wasi02(pre.instantiate_async(&mut store).await?),
+            Pre::Wasi03(pre) => Guest::Wasi03(pre.instantiate_async(&mut store).await?),
+        };
         Ok(Worker {
             store,
-            proxy,
+            guest,
             _listed: table.register(status.clone()),
             status,
         })

@@ -70,8 +70,6 @@ impl Default for Bounds {
 /// The on-disk compile cache.
 pub(crate) struct Cache {
     dir: PathBuf,
-    /// Hex hash of the engine's compatibility settings, part of every entry's name.
-    engine_hash: String,
     bounds: Bounds,
     /// Entries being read or written by this process, with how many loads hold each; the cleanup skips them. A
     /// `std` mutex: it is held for a map update or for one entry's removal, never across an `.await`, and holding
@@ -104,23 +102,20 @@ pub(crate) fn default_cache_dir() -> PathBuf {
 impl Cache {
     /// Opens (creating) the cache directory. It is made private to the user: whoever can write it can make the
     /// host run code.
-    pub(crate) fn open(dir: &Path, engine: &wasmtime::Engine) -> std::io::Result<Cache> {
-        Cache::open_bounded(dir, engine, Bounds::default())
+    pub(crate) fn open(dir: &Path) -> std::io::Result<Cache> {
+        Cache::open_bounded(dir, Bounds::default())
     }
 
     /// [`Cache::open`] with other bounds than the defaults; trims the directory to them.
-    fn open_bounded(dir: &Path, engine: &wasmtime::Engine, bounds: Bounds) -> std::io::Result<Cache> {
+    fn open_bounded(dir: &Path, bounds: Bounds) -> std::io::Result<Cache> {
         std::fs::create_dir_all(dir)?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         }
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        engine.precompile_compatibility_hash().hash(&mut hasher);
         let cache = Cache {
             dir: dir.to_path_buf(),
-            engine_hash: format!("{:016x}", hasher.finish()),
             bounds,
             in_use: Mutex::new(HashMap::new()),
         };
@@ -128,9 +123,14 @@ impl Cache {
         Ok(cache)
     }
 
-    fn entry(&self, component: &[u8]) -> PathBuf {
+    /// The entry of `component` compiled by `engine`: named by both, since the two engines (for WASI 0.2 and
+    /// 0.3 handlers) compile differently.
+    fn entry(&self, engine: &wasmtime::Engine, component: &[u8]) -> PathBuf {
         let digest = Sha256::digest(component);
-        self.dir.join(format!("{}-{}.cwasm", hex(&digest), self.engine_hash))
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        self.dir
+            .join(format!("{}-{:016x}.cwasm", hex(&digest), hasher.finish()))
     }
 
     /// The compiled component for `bytes`: from the cache when a sound entry exists, compiled and stored otherwise.
@@ -140,7 +140,7 @@ impl Cache {
         engine: &wasmtime::Engine,
         bytes: &[u8],
     ) -> Result<(Component, bool), LoadError> {
-        let path = self.entry(bytes);
+        let path = self.entry(engine, bytes);
         let _in_use = self.hold(&path);
         if path.exists() {
             // Marks it recently used (for this process's cleanup and any other sharing the directory) before it
@@ -487,7 +487,7 @@ mod tests {
         let engine = wasmtime::Engine::default();
         const LEN: u64 = 64 * 1024 * 1024;
         // Exactly full: three entries and their checksums.
-        let cache = Cache::open_bounded(dir.path(), &engine, bounded(3 * (LEN + 64))).unwrap();
+        let cache = Cache::open_bounded(dir.path(), bounded(3 * (LEN + 64))).unwrap();
         let oldest = entry(dir.path(), 1, LEN, 3 * DAY);
         let middle = entry(dir.path(), 2, LEN, 2 * DAY);
         let newest = entry(dir.path(), 3, LEN, DAY);
@@ -512,7 +512,7 @@ mod tests {
         let bytes = component("new");
         let (_, cached) = cache.load_or_compile(&engine, &bytes).unwrap();
         assert!(!cached);
-        let written = cache.entry(&bytes);
+        let written = cache.entry(&engine, &bytes);
         assert!(len(&written) < LEN, "one removal makes room");
         assert!(
             written.exists() && sidecar(&written).exists(),
@@ -537,15 +537,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let engine = wasmtime::Engine::default();
         let (a, b, c) = (component("a"), component("b"), component("c"));
-        let roomy = Cache::open_bounded(dir.path(), &engine, bounded(u64::MAX)).unwrap();
+        let roomy = Cache::open_bounded(dir.path(), bounded(u64::MAX)).unwrap();
         roomy.load_or_compile(&engine, &a).unwrap();
         roomy.load_or_compile(&engine, &b).unwrap();
-        let (entry_a, entry_b) = (roomy.entry(&a), roomy.entry(&b));
+        let (entry_a, entry_b) = (roomy.entry(&engine, &a), roomy.entry(&engine, &b));
         // `a` was written first and is the older, until it is used.
         set_age(&entry_a, 10 * DAY);
         set_age(&entry_b, 5 * DAY);
         let size = len(&entry_a).max(len(&entry_b)) + len(&sidecar(&entry_a));
-        let cache = Cache::open_bounded(dir.path(), &engine, bounded(2 * size + size / 2)).unwrap();
+        let cache = Cache::open_bounded(dir.path(), bounded(2 * size + size / 2)).unwrap();
         assert!(entry_a.exists() && entry_b.exists(), "two fit");
 
         let (_, cached) = cache.load_or_compile(&engine, &a).unwrap();
@@ -557,7 +557,7 @@ mod tests {
             !entry_b.exists() && !sidecar(&entry_b).exists(),
             "the least recently used goes"
         );
-        assert!(cache.entry(&c).exists());
+        assert!(cache.entry(&engine, &c).exists());
     }
 
     #[test]
@@ -581,7 +581,7 @@ mod tests {
         let directory = dir.path().join(format!("{}-{ENGINE}.cwasm", hex(&[5; 32])));
         std::fs::create_dir(&directory).unwrap();
 
-        Cache::open(dir.path(), &wasmtime::Engine::default()).unwrap();
+        Cache::open(dir.path()).unwrap();
         assert!(
             !stale.exists() && !sidecar(&stale).exists(),
             "unused for over {DEFAULT_MAX_CACHE_AGE:?}"
@@ -603,11 +603,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let engine = wasmtime::Engine::default();
         // Nothing fits: everything that may go, goes.
-        let cache = Cache::open_bounded(dir.path(), &engine, bounded(0)).unwrap();
+        let cache = Cache::open_bounded(dir.path(), bounded(0)).unwrap();
         let bytes = component("held");
         let (_, cached) = cache.load_or_compile(&engine, &bytes).unwrap();
         assert!(!cached);
-        let written = cache.entry(&bytes);
+        let written = cache.entry(&engine, &bytes);
         assert!(written.exists(), "the trim after a write spares the entry written");
 
         let held = cache.hold(&written);
@@ -623,7 +623,7 @@ mod tests {
     #[test]
     fn a_file_that_vanishes_or_cannot_be_removed_during_the_cleanup_is_skipped() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = Cache::open_bounded(dir.path(), &wasmtime::Engine::default(), bounded(0)).unwrap();
+        let cache = Cache::open_bounded(dir.path(), bounded(0)).unwrap();
         let vanished = entry(dir.path(), 1, 100, 3 * DAY);
         let replaced = entry(dir.path(), 2, 100, 2 * DAY);
         let removable = entry(dir.path(), 3, 100, DAY);

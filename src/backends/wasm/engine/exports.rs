@@ -1,9 +1,11 @@
 //! What a `.wasm` file offers, read from its bytes before anything is compiled: whether it is a component that
-//! exports the one interface Marina calls, and if not, what it is instead.
+//! exports one of the two interfaces Marina calls (a WASI 0.2 or a WASI 0.3 HTTP handler), which one, and if
+//! neither, what it is instead.
 //!
 //! Linking a component that is not an HTTP handler fails too, but only after a compile that can take seconds for
-//! a JavaScript or Python app, and with an error about whichever import or export the linker met first: a WASI 0.3
-//! handler reads as a missing import, a command as a missing export. Reading the top-level export section instead
+//! a JavaScript or Python app, and with an error about whichever import or export the linker met first: a command
+//! reads as a missing export. Which handler a component is also decides which engine compiles it (see
+//! [`super`]), so it must be known before the compile. Reading the top-level export section instead
 //! takes a scan of section headers (nested modules are skipped unread) and names what the file does export, so the
 //! version's `503` and `marina check` can say what was deployed and what would be served.
 
@@ -12,12 +14,25 @@ use wasmparser::{Encoding, Parser, Payload};
 /// The export a wasi:http 0.2 handler has (the `wasi:http/proxy` world that `wasmtime serve` and Spin run),
 /// without its version, which may be any 0.2.x.
 const HTTP_HANDLER_0_2: &str = "wasi:http/incoming-handler@0.2";
-/// The WASI 0.3 handler's export, likewise.
+/// The WASI 0.3 handler's export (the `wasi:http/service` world), likewise: the release wasmtime 48 implements is
+/// 0.3.0, and a component built against a release candidate fails to link, saying so.
 const HTTP_HANDLER_0_3: &str = "wasi:http/handler@0.3";
+/// What Marina serves, for the messages.
+const ACCEPTED: &str = "components that export wasi:http/incoming-handler@0.2.x (WASI 0.2, the wasi:http/proxy \
+                        world) or wasi:http/handler@0.3.0 (WASI 0.3)";
 /// A command's export: a program with a `main`, run by `wasmtime run`.
 const CLI_RUN: &str = "wasi:cli/run@";
 /// The most export names an error lists.
 const LISTED_EXPORTS: usize = 8;
+
+/// Which `wasi:http` handler a component is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Handler {
+    /// `wasi:http/incoming-handler@0.2.x`: one call per request, the body written before or while it returns.
+    Wasi02,
+    /// `wasi:http/handler@0.3.x`: an async export whose response body may be written after it returns.
+    Wasi03,
+}
 
 /// Why a `.wasm` file cannot be served, told from its exports.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -25,36 +40,26 @@ pub(crate) enum NotServable {
     #[error("not a WebAssembly component: {0}")]
     Unreadable(String),
     #[error(
-        "it is a core WebAssembly module, not a component; Marina serves components that export \
-         {HTTP_HANDLER_0_2}.x (build for the wasm32-wasip2 target, or wrap the module with `wasm-tools component new`)"
+        "it is a core WebAssembly module, not a component; Marina serves {ACCEPTED} (build for the wasm32-wasip2 \
+         target, or wrap the module with `wasm-tools component new`)"
     )]
     CoreModule,
-    #[error(
-        "it is a WASI 0.3 HTTP handler (it exports {export}); Marina serves WASI 0.2 ones, which export \
-         {HTTP_HANDLER_0_2}.x"
-    )]
-    Wasi03 { export: String },
-    #[error(
-        "it is a command (it exports {exports}), not an HTTP handler; Marina serves components that export \
-         {HTTP_HANDLER_0_2}.x (the wasi:http/proxy world)"
-    )]
+    #[error("it is a command (it exports {exports}), not an HTTP handler; Marina serves {ACCEPTED}")]
     Command { exports: String },
-    #[error(
-        "it exports {exports}, not {HTTP_HANDLER_0_2}.x; Marina serves components that export it (the \
-         wasi:http/proxy world)"
-    )]
+    #[error("it exports {exports}, not an HTTP handler; Marina serves {ACCEPTED}")]
     NotAHandler { exports: String },
 }
 
-/// Reads `bytes` far enough to tell whether Marina can serve them: `Ok` for a component exporting
-/// `wasi:http/incoming-handler@0.2.x`, which may still fail to compile or link (the engine says why then).
-pub(crate) fn check(bytes: &[u8]) -> Result<(), NotServable> {
+/// Reads `bytes` far enough to tell whether Marina can serve them, and as which handler: a component exporting
+/// `wasi:http/incoming-handler@0.2.x` or `wasi:http/handler@0.3.x`, which may still fail to compile or link (the
+/// engine says why then). One exporting both is served as a 0.2 handler, the cheaper call.
+pub(crate) fn check(bytes: &[u8]) -> Result<Handler, NotServable> {
     let exports = top_level_exports(bytes)?;
     if exports.iter().any(|name| name.starts_with(HTTP_HANDLER_0_2)) {
-        return Ok(());
+        return Ok(Handler::Wasi02);
     }
-    if let Some(export) = exports.iter().find(|name| name.starts_with(HTTP_HANDLER_0_3)) {
-        return Err(NotServable::Wasi03 { export: export.clone() });
+    if exports.iter().any(|name| name.starts_with(HTTP_HANDLER_0_3)) {
+        return Ok(Handler::Wasi03);
     }
     let listed = list(&exports);
     if exports.iter().any(|name| name.starts_with(CLI_RUN)) {
@@ -144,20 +149,30 @@ mod tests {
     #[test]
     fn a_wasi_http_0_2_handler_is_served_whatever_its_patch_version() {
         for name in ["wasi:http/incoming-handler@0.2.0", "wasi:http/incoming-handler@0.2.6"] {
-            assert_eq!(check(&component_exporting(&["wasi:cli/run@0.2.0", name])), Ok(()));
+            assert_eq!(
+                check(&component_exporting(&["wasi:cli/run@0.2.0", name])),
+                Ok(Handler::Wasi02)
+            );
         }
     }
 
     #[test]
-    fn anything_else_is_named_with_what_it_exports() {
-        let wasi_03 = check(&component_exporting(&["wasi:http/handler@0.3.0-rc-2025-09-16"])).unwrap_err();
-        assert!(
-            wasi_03.to_string().starts_with(
-                "it is a WASI 0.3 HTTP handler (it exports wasi:http/handler@0.3.0-rc-2025-09-16); Marina serves \
-                 WASI 0.2 ones, which export wasi:http/incoming-handler@0.2.x"
-            ),
-            "{wasi_03}"
+    fn a_wasi_0_3_handler_is_told_apart_and_one_exporting_both_is_served_as_0_2() {
+        assert_eq!(
+            check(&component_exporting(&["wasi:http/handler@0.3.0"])),
+            Ok(Handler::Wasi03)
         );
+        assert_eq!(
+            check(&component_exporting(&[
+                "wasi:http/handler@0.3.0",
+                "wasi:http/incoming-handler@0.2.6"
+            ])),
+            Ok(Handler::Wasi02)
+        );
+    }
+
+    #[test]
+    fn anything_else_is_named_with_what_it_exports() {
         let command = check(&component_exporting(&["wasi:cli/run@0.2.3"])).unwrap_err();
         assert!(
             command
@@ -167,7 +182,11 @@ mod tests {
         );
         let library = check(&component_exporting(&["add", "sub"])).unwrap_err();
         assert!(
-            library.to_string().starts_with("it exports add, sub, not "),
+            library.to_string().starts_with(
+                "it exports add, sub, not an HTTP handler; Marina serves components that export \
+                 wasi:http/incoming-handler@0.2.x (WASI 0.2, the wasi:http/proxy world) or \
+                 wasi:http/handler@0.3.0 (WASI 0.3)"
+            ),
             "{library}"
         );
         let nothing = check(&component_exporting(&[])).unwrap_err();

@@ -1,10 +1,15 @@
-//! The one WebAssembly engine of the process: how components are compiled, cached and linked.
+//! The WebAssembly engines of the process: how components are compiled, cached and linked.
 //!
-//! There is a single `wasmtime::Engine` so that compiled code, the pooling allocator's slots and the epoch
-//! counter are shared by every app. The pooling allocator is sized from `POOL_SIZE`, so an instance is a slot
-//! taken, not memory mapped, and memories start from copy-on-write images. One ticker thread advances the epoch
-//! while instances are lent ([`ticker`]); each store turns ticks into yields (so a busy guest cannot starve the
-//! others) and, past its deadline, a trap.
+//! A `wasmtime::Engine` is shared by every app, so that compiled code, the pooling allocator's slots and the
+//! epoch counter are too. The pooling allocator is sized from `POOL_SIZE`, so an instance is a slot taken, not
+//! memory mapped, and memories start from copy-on-write images. One ticker thread advances the epoch while
+//! instances are lent ([`ticker`]); each store turns ticks into yields (so a busy guest cannot starve the others)
+//! and, past its deadline, a trap.
+//!
+//! WASI 0.3 handlers get a second engine, made at the first one deployed: theirs needs wasmtime's concurrency
+//! support (`run_concurrent`, streams, async exports), which also turns every call of a 0.2 handler into the
+//! concurrent machinery and gives every store its bookkeeping. 0.2 handlers, the common case, keep the engine
+//! without it. The cap stays one (the pool counts instances of both); the ticker advances both epochs.
 
 mod cache;
 mod exports;
@@ -14,12 +19,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::sync::OnceLock;
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Enabled, InstanceAllocationStrategy, PoolingAllocationConfig};
+
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p3::bindings::ServicePre;
 
 pub(crate) use cache::{default_cache_dir, Cache};
-pub(crate) use exports::{check as check_exports, NotServable};
+pub(crate) use exports::{check as check_exports, Handler, NotServable};
 use ticker::Ticker;
 pub(crate) use ticker::Ticking;
 
@@ -55,10 +63,18 @@ pub struct EngineSettings {
 
 /// A component compiled and linked, ready to be instantiated many times.
 pub(crate) struct Loaded {
-    pub(crate) pre: ProxyPre<WorkerState>,
+    pub(crate) pre: Pre,
+    /// The engine it was compiled for, which its stores must be made in.
+    pub(crate) engine: wasmtime::Engine,
     /// Whether the compiled code came from the disk cache.
     pub(crate) from_cache: bool,
     pub(crate) load_time: Duration,
+}
+
+/// A linked handler of either kind.
+pub(crate) enum Pre {
+    Wasi02(ProxyPre<WorkerState>),
+    Wasi03(ServicePre<WorkerState>),
 }
 
 /// Why a component cannot be loaded: the cause of the version's log line and of its 503. Each message says
@@ -81,18 +97,25 @@ pub(crate) enum LoadError {
     /// The file is not a wasi:http 0.2 handler, as its exports tell before it is compiled.
     #[error("the component cannot be served")]
     NotServable(#[source] NotServable),
-    /// The component exports the handler's name, but not with the handler's type.
-    #[error("the component does not export wasi:http/incoming-handler")]
+    /// The component exports the handler's name, but not with the handler's type (or, for WASI 0.3, not the
+    /// release the host implements).
+    #[error("the component does not export the wasi:http handler the host implements")]
     NotAHandler(#[source] wasmtime::Error),
+    /// The engine for WASI 0.3 handlers could not be made.
+    #[error("the engine for WASI 0.3 components cannot be made")]
+    Engine(#[source] wasmtime::Error),
     /// The compilation's thread ended without an answer (it panicked, or the runtime is shutting down).
     #[error("compilation did not finish")]
     Unfinished(#[source] tokio::task::JoinError),
 }
 
-/// The process-wide engine, linker and cache.
+/// The process-wide engines, linkers and cache.
 pub(crate) struct Engine {
     wasmtime: wasmtime::Engine,
     linker: Linker<WorkerState>,
+    /// The engine and linker for WASI 0.3 handlers, once one is loaded.
+    concurrent: OnceLock<(wasmtime::Engine, Linker<WorkerState>)>,
+    pool_size: usize,
     cache: Option<Cache>,
     pooling: bool,
     ticker: Arc<Ticker>,
@@ -102,22 +125,10 @@ pub(crate) struct Engine {
 impl Engine {
     /// Builds the engine: pooled if the address space can be reserved, on-demand otherwise (with a log line).
     pub(crate) fn new(settings: &EngineSettings) -> anyhow::Result<Engine> {
-        let (wasmtime, pooling) = match wasmtime::Engine::new(&config(Some(settings.pool_size))) {
-            Ok(engine) => (engine, true),
-            Err(error) => {
-                tracing::warn!(
-                    pool_size = settings.pool_size,
-                    "the pooling allocator could not reserve its slots ({error:#}); falling back to on-demand \
-                     instance allocation, which is slower to instantiate"
-                );
-                (wasmtime::Engine::new(&config(None))?, false)
-            }
-        };
-        let mut linker = Linker::new(&wasmtime);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+        let (wasmtime, pooling) = new_engine(settings.pool_size, Handler::Wasi02)?;
+        let linker = linker(&wasmtime, Handler::Wasi02)?;
         let cache = match &settings.cache_dir {
-            Some(dir) => match Cache::open(dir, &wasmtime) {
+            Some(dir) => match Cache::open(dir) {
                 Ok(cache) => Some(cache),
                 Err(error) => {
                     tracing::warn!(dir = %dir.display(), "compile cache disabled: {error:#}");
@@ -134,14 +145,12 @@ impl Engine {
             lanes,
             wasmtime,
             linker,
+            concurrent: OnceLock::new(),
+            pool_size: settings.pool_size,
             cache,
             pooling,
             ticker,
         })
-    }
-
-    pub(crate) fn wasmtime(&self) -> &wasmtime::Engine {
-        &self.wasmtime
     }
 
     /// Keeps the epoch moving while it lives: taken for every instance lent, before its instantiation starts.
@@ -168,22 +177,81 @@ impl Engine {
             source,
         })?;
         // An unreadable file is left to the compiler, whose reasons are the more precise.
-        match exports::check(&bytes) {
-            Err(NotServable::Unreadable(_)) | Ok(()) => {}
+        let handler = match exports::check(&bytes) {
+            Ok(handler) => handler,
+            Err(NotServable::Unreadable(_)) => Handler::Wasi02,
             Err(not_servable) => return Err(LoadError::NotServable(not_servable)),
-        }
-        let (component, from_cache) = match &self.cache {
-            Some(cache) => cache.load_or_compile(&self.wasmtime, &bytes)?,
-            None => (compile(&self.wasmtime, &bytes)?, false),
         };
-        let pre = self.linker.instantiate_pre(&component).map_err(LoadError::Link)?;
-        let pre = ProxyPre::new(pre).map_err(LoadError::NotAHandler)?;
+        let (engine, linker) = match handler {
+            Handler::Wasi02 => (&self.wasmtime, &self.linker),
+            Handler::Wasi03 => {
+                let (engine, linker) = self.concurrent().map_err(LoadError::Engine)?;
+                (engine, linker)
+            }
+        };
+        let (component, from_cache) = match &self.cache {
+            Some(cache) => cache.load_or_compile(engine, &bytes)?,
+            None => (compile(engine, &bytes)?, false),
+        };
+        let pre = linker.instantiate_pre(&component).map_err(LoadError::Link)?;
+        let pre = match handler {
+            Handler::Wasi02 => Pre::Wasi02(ProxyPre::new(pre).map_err(LoadError::NotAHandler)?),
+            Handler::Wasi03 => Pre::Wasi03(ServicePre::new(pre).map_err(LoadError::NotAHandler)?),
+        };
         Ok(Loaded {
             pre,
+            engine: engine.clone(),
             from_cache,
             load_time: started.elapsed(),
         })
     }
+}
+
+impl Engine {
+    /// The engine and linker for WASI 0.3 handlers, made the first time one is loaded; the ticker advances its
+    /// epoch from then on.
+    fn concurrent(&self) -> wasmtime::Result<&(wasmtime::Engine, Linker<WorkerState>)> {
+        if let Some(made) = self.concurrent.get() {
+            return Ok(made);
+        }
+        // Two first loads at once may both make one; the first kept wins, the other is dropped unused.
+        let (engine, pooling) = new_engine(self.pool_size, Handler::Wasi03)?;
+        let linker = linker(&engine, Handler::Wasi03)?;
+        let made = self.concurrent.get_or_init(|| {
+            tracing::info!(pooling, "engine for WASI 0.3 components made");
+            self.ticker.also_tick(engine.clone());
+            (engine, linker)
+        });
+        Ok(made)
+    }
+}
+
+/// An engine for `handler`s: pooled if the address space can be reserved, on-demand otherwise (with a log line).
+fn new_engine(pool_size: usize, handler: Handler) -> wasmtime::Result<(wasmtime::Engine, bool)> {
+    match wasmtime::Engine::new(&config(Some(pool_size), handler)) {
+        Ok(engine) => Ok((engine, true)),
+        Err(error) => {
+            tracing::warn!(
+                pool_size,
+                "the pooling allocator could not reserve its slots ({error:#}); falling back to on-demand \
+                 instance allocation, which is slower to instantiate"
+            );
+            Ok((wasmtime::Engine::new(&config(None, handler))?, false))
+        }
+    }
+}
+
+/// What a worker may import: WASI and wasi:http, of 0.2 and, for a 0.3 handler (whose bindings may use either),
+/// of 0.3 too. The store's WASI context is the same for both, so a worker sees the same world through either.
+fn linker(engine: &wasmtime::Engine, handler: Handler) -> wasmtime::Result<Linker<WorkerState>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+    if handler == Handler::Wasi03 {
+        wasmtime_wasi::p3::add_to_linker(&mut linker)?;
+        wasmtime_wasi_http::p3::add_to_linker(&mut linker)?;
+    }
+    Ok(linker)
 }
 
 impl Drop for Engine {
@@ -196,9 +264,13 @@ fn compile(engine: &wasmtime::Engine, bytes: &[u8]) -> Result<Component, LoadErr
     Component::new(engine, bytes).map_err(LoadError::Invalid)
 }
 
-fn config(pool_size: Option<usize>) -> Config {
+fn config(pool_size: Option<usize>, handler: Handler) -> Config {
     let mut config = Config::new();
     config.epoch_interruption(true);
+    match handler {
+        Handler::Wasi02 => config.concurrency_support(false),
+        Handler::Wasi03 => config.concurrency_support(true).wasm_component_model_async(true),
+    };
     config.memory_init_cow(true);
     if let Some(pool_size) = pool_size {
         let slots = u32::try_from(pool_size).unwrap_or(u32::MAX);

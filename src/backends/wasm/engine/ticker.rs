@@ -38,6 +38,8 @@ pub(crate) struct Ticker {
     sleeping: AtomicBool,
     stop: AtomicBool,
     thread: OnceLock<Thread>,
+    /// A second engine whose epoch moves with the first (the one for WASI 0.3 handlers), once there is one.
+    second: OnceLock<wasmtime::Engine>,
 }
 
 /// Keeps the epoch moving while it lives: held by each lent instance, from the start of its instantiation or its
@@ -55,6 +57,7 @@ impl Ticker {
             sleeping: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             thread: OnceLock::new(),
+            second: OnceLock::new(),
         });
         let shared = ticker.clone();
         let handle = std::thread::Builder::new()
@@ -75,6 +78,11 @@ impl Ticker {
             self.wake();
         }
         Ticking { shard }
+    }
+
+    /// Advances `engine`'s epoch too, from now on. Only one second engine is kept; a later one is ignored.
+    pub(crate) fn also_tick(&self, engine: wasmtime::Engine) {
+        let _ = self.second.set(engine);
     }
 
     /// Ends the ticker thread.
@@ -105,6 +113,9 @@ impl Ticker {
         while !self.stop.load(Ordering::SeqCst) {
             std::thread::sleep(tick);
             engine.increment_epoch();
+            if let Some(second) = self.second.get() {
+                second.increment_epoch();
+            }
             idle_ticks = if self.lent() > 0 { 0 } else { idle_ticks + 1 };
             if idle_ticks < IDLE_TICKS {
                 continue;

@@ -297,7 +297,7 @@ impl Pool {
         // Before instantiating: a component's start function is guest code too, and has the same deadline.
         let ticking = self.engine.ticking();
         let worker = Worker::new(
-            self.engine.wasmtime(),
+            &loaded.engine,
             &loaded.pre,
             &runtime.deployment,
             &runtime.identity,
