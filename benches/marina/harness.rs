@@ -305,7 +305,8 @@ const REUSE_COUNT: &str = "1000000000";
 
 /// `wasmtime serve` on the same component, when a `wasmtime` binary is given in `WASMTIME` (or on the PATH), as
 /// the reference host: with `reuse`, instances serve many requests (and a timeout is kept, as Marina always
-/// has one); without, each request gets a fresh instance, `wasmtime serve`'s default for wasip2. Returns the child
+/// has one); without, each request gets a fresh instance (`--max-instance-reuse-count 1`, `wasmtime serve`'s default
+/// for WASI 0.2 components; a WASI 0.3 one is reused by default, 16 requests at once). Returns the child
 /// and the address it listens on, once it listens (within `startup`, which covers its compile of the component).
 pub fn start_wasmtime_serve(
     component: &Path,
@@ -324,6 +325,9 @@ pub fn start_wasmtime_serve(
             "3600s",
             "-Wtimeout=30s",
         ]);
+    } else {
+        // The default for a WASI 0.2 component, said outright: a WASI 0.3 one's is 128.
+        command.args(["--max-instance-reuse-count", "1"]);
     }
     let child = command
         .arg(component)

@@ -1,5 +1,6 @@
-//! Apps in Python and JavaScript, the examples of `runtime-sdk/python` and `runtime-sdk/js` built in the run, against
-//! `wasmtime serve` on the same components in the same run: Marina with `ttl > 0` (instances reused) against
+//! Apps in Python and JavaScript, the examples of `runtime-sdk/python` and `runtime-sdk/js` built in the run, and the
+//! WASI 0.3 handler of `runtime-sdk/examples/wasi03.rs`, against `wasmtime serve` on the same components in the
+//! same run: Marina with `ttl > 0` (instances reused) against
 //! `wasmtime serve` with instance reuse and a timeout, and Marina with `ttl: 0` against `wasmtime serve`'s instance
 //! per request.
 //!
@@ -21,8 +22,8 @@ use serde_json::{json, Value};
 use crate::common;
 use crate::harness::{self, start_marina_with, wrk, Load, POOL_SIZE};
 
-/// Marina's pool here: the two warm apps' workers and the fresh ones, one per connection each.
-const LANGUAGES_POOL_SIZE: usize = 3 * POOL_SIZE;
+/// Marina's pool here: the three warm apps' workers and the fresh ones, one per connection each.
+const LANGUAGES_POOL_SIZE: usize = 4 * POOL_SIZE;
 /// How long `wasmtime serve` may take to compile a Python or JavaScript component and listen.
 const WASMTIME_STARTUP: Duration = Duration::from_secs(180);
 
@@ -48,10 +49,13 @@ pub fn main() {
         .build()
         .unwrap();
     runtime.block_on(async move {
-        let languages = [("Python", common::python_guest()), ("JavaScript", common::js_guest())];
+        let languages = [
+            ("Python", "python", common::python_guest()),
+            ("JavaScript", "javascript", common::js_guest()),
+            ("WASI 0.3 (Rust)", "wasi03", common::guest("wasi03")),
+        ];
         let apps = tempfile::tempdir().unwrap();
-        for (language, wasm) in &languages {
-            let name = language.to_lowercase();
+        for (_, name, wasm) in &languages {
             // The timeout covers a compile on the first request, when the cache is empty.
             let warm = json!({"ttl": 3600, "idleTimeout": 3600, "maxRequests": 0, "timeout": 300});
             deploy(apps.path(), &format!("{name}-warm"), wasm, warm);
@@ -62,7 +66,7 @@ pub fn main() {
                 json!({"ttl": 0, "timeout": 300}),
             );
         }
-        // Room for both warm apps' workers (one per connection each) and the fresh ones in flight, as each anchor
+        // Room for every warm app's workers (one per connection each) and the fresh ones in flight, as each anchor
         // is a process of its own: with the usual pool, the warm apps would evict each other's workers as the
         // scenarios take turns, and each round would start by instantiating Python or JavaScript afresh.
         let marina = start_marina_with(apps.path(), |options| {
@@ -74,8 +78,7 @@ pub fn main() {
         let mut anchors: Vec<Child> = Vec::new();
         let mut scenarios: Vec<Scenario> = Vec::new();
         let mut skipped = false;
-        for (language, wasm) in &languages {
-            let name = language.to_lowercase();
+        for (language, name, wasm) in &languages {
             let mut anchor = |reuse: bool, label: &str| -> Option<usize> {
                 let (child, addr): (Child, SocketAddr) = harness::start_wasmtime_serve(wasm, reuse, WASMTIME_STARTUP)?;
                 anchors.push(child);

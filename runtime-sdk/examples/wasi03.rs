@@ -12,12 +12,15 @@
 //!
 //! And what only a 0.3 handler can do, or get wrong:
 //! - `GET /stream` answers its head at once, then writes three lines 50 ms apart from a task it spawned.
+//! - `GET /fetch?url=http://host:port/path` sends a request out through `wasi:http/client@0.3` and answers the
+//!   upstream's status and body, or 502 with the error code (as when the host denies it).
+//! - `GET /hog?mb=N` holds N MiB at once (the app's memory cap must stop it).
 //! - `GET /error` answers with an error code instead of a response; `GET /trap` panics; `GET /loop` computes
 //!   forever (the app's timeout must stop it).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use wasip3::http::types::{ErrorCode, Fields, Method, Request, Response};
+use wasip3::http::types::{ErrorCode, Fields, Method, Request, Response, Scheme};
 use wasip3::{wit_bindgen, wit_future, wit_stream};
 
 wasip3::http::service::export!(App);
@@ -31,7 +34,16 @@ impl wasip3::exports::http::handler::Guest for App {
     async fn handle(request: Request) -> Result<Response, ErrorCode> {
         let served = SERVED.fetch_add(1, Ordering::Relaxed) + 1;
         let path = request.get_path_with_query().unwrap_or_else(|| "/".into());
-        let path = path.split('?').next().unwrap_or("/").to_owned();
+        let (path, query) = match path.split_once('?') {
+            Some((path, query)) => (path.to_owned(), query.to_owned()),
+            None => (path, String::new()),
+        };
+        let param = |name: &str| {
+            query
+                .split('&')
+                .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+                .map(str::to_owned)
+        };
         let header = |name: &str| request.get_headers().get(name).into_iter().next();
         match (request.get_method(), path.as_str()) {
             (Method::Post, "/echo") => {
@@ -46,6 +58,12 @@ impl wasip3::exports::http::handler::Guest for App {
             (Method::Get, "/count") => text(200, format!("{served}\n")),
             (Method::Get, "/base") => respond(200, header("x-marina-base").unwrap_or_default(), TEXT.to_vec()),
             (Method::Get, "/stream") => stream(),
+            (Method::Get, "/fetch") => fetch(&param("url").unwrap_or_default()).await,
+            (Method::Get, "/hog") => {
+                let mb: usize = param("mb").and_then(|mb| mb.parse().ok()).unwrap_or(1024);
+                let hoard: Vec<Vec<u8>> = (0..mb).map(|_| vec![1u8; 1024 * 1024]).collect();
+                text(200, format!("held {} MiB\n", hoard.len()))
+            }
             (Method::Get, "/error") => Err(ErrorCode::ConnectionRefused),
             (Method::Get, "/trap") => panic!("the app panicked on purpose"),
             (Method::Get, "/loop") => {
@@ -61,6 +79,32 @@ impl wasip3::exports::http::handler::Guest for App {
             (Method::Get, _) => text(404, "no such route\n".into()),
             _ => text(405, "use GET, or POST /echo\n".into()),
         }
+    }
+}
+
+/// A GET of `url` (`http://authority/path`) from the guest, answered with the upstream's status and body.
+async fn fetch(url: &str) -> Result<Response, ErrorCode> {
+    let Some((authority, path)) = url.strip_prefix("http://").map(|rest| match rest.split_once('/') {
+        Some((authority, path)) => (authority.to_owned(), format!("/{path}")),
+        None => (rest.to_owned(), "/".to_owned()),
+    }) else {
+        return text(400, "url must be http://authority/path\n".into());
+    };
+    let (_no_trailers, trailers) = wit_future::new(|| Ok(None));
+    let (request, _sent) = Request::new(Fields::new(), None, trailers, None);
+    let invalid = |()| ErrorCode::InternalError(Some("invalid url".into()));
+    request.set_scheme(Some(&Scheme::Http)).map_err(invalid)?;
+    request.set_authority(Some(&authority)).map_err(invalid)?;
+    request.set_path_with_query(Some(&path)).map_err(invalid)?;
+    match wasip3::http::client::send(request).await {
+        Ok(response) => {
+            let status = response.get_status_code();
+            let (_done, done) = wit_future::new(|| Ok(()));
+            let (contents, _trailers) = Response::consume_body(response, done);
+            let body = contents.collect().await;
+            text(200, format!("{status} {}", String::from_utf8_lossy(&body)))
+        }
+        Err(code) => text(502, format!("{code:?}")),
     }
 }
 

@@ -1,7 +1,7 @@
 //! Apps written in other languages, or against WASI 0.3, built in the run by their real toolchains from the sources
 //! in `runtime-sdk/`: each serves GET and POST on fresh (`ttl: 0`) and reused (`ttl > 0`) instances, sees only its
 //! own environment, and is counted by the metrics; a first request that outlasts its version's compile is told so.
-//! A WASI 0.3 handler's body, written after it returned, streams; its failures are a 0.2 handler's.
+//! A WASI 0.3 handler's body, written after it returned, streams; its failures and its limits are a 0.2 handler's.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -272,4 +272,65 @@ async fn a_first_request_that_outlasts_the_compile_gets_503_compiling_and_the_re
         (&json!(0), &json!(0)),
         "{pool}"
     );
+}
+
+#[tokio::test]
+async fn a_wasi_0_3_app_is_held_to_its_outbound_hosts_memory_cap_and_body_size_as_a_0_2_app_is() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let answer = axum::Router::new().fallback(|| async { "upstream says hi" });
+    tokio::spawn(async move { axum::serve(listener, answer).await.unwrap() });
+    let apps = tempfile::tempdir().unwrap();
+    let wasm = guest("wasi03");
+    let limits = json!({
+        "ttl": 60,
+        "maxMemoryMb": 16,
+        "maxBodySize": 1000,
+        "allowedOutboundHosts": [upstream.to_string()],
+    });
+    deploy(apps.path(), "open", &wasm, limits);
+    deploy(apps.path(), "closed", &wasm, json!({"ttl": 60}));
+    let mut options = marina::server::ServeOptions::new(apps.path());
+    options.precompile = true;
+    let server = TestServer::start_with(options).await;
+
+    // Its `wasi:http/client@0.3` requests go out only to the hosts its config allows.
+    let fetch = format!("fetch?url=http://{upstream}/");
+    assert_eq!(
+        get(&server, &format!("/open/{fetch}")).await,
+        (200, "200 upstream says hi".into())
+    );
+    let (status, denied) = get(&server, &format!("/closed/{fetch}")).await;
+    assert_eq!(status, 502, "{denied}");
+    assert!(denied.contains("HttpRequestDenied"), "{denied}");
+
+    // Growing past its memory cap traps inside the guest; the next request gets a new instance, within the cap.
+    let (status, body) = get_json(&server, "/open/hog?mb=64").await;
+    assert_eq!((status, body["code"].as_str()), (500, Some("app_failed")), "{body}");
+    assert_eq!(get(&server, "/open/hog?mb=4").await, (200, "held 4 MiB\n".into()));
+
+    // A body over maxBodySize, declared or streamed without a length, is 413; one within it is echoed.
+    let declared = client()
+        .post(server.url("/open/echo"))
+        .body(vec![0u8; 1001])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(declared.status(), 413);
+    let chunks = futures_util::stream::iter((0..4).map(|_| Ok::<_, std::io::Error>(vec![7u8; 400])));
+    let streamed = client()
+        .post(server.url("/open/echo"))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(streamed.status(), 413);
+    let within = client()
+        .post(server.url("/open/echo"))
+        .body(vec![7u8; 1000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(within.status(), 200);
+    assert_eq!(within.bytes().await.unwrap(), vec![7u8; 1000]);
 }

@@ -17,6 +17,9 @@
 //! `wasmtime serve` does. So is a worker whose client went away mid-call: its state is whatever the guest had
 //! reached. How the call ended is counted by [`Pool::release`], and an error answer leaves only after that.
 //!
+//! A WASI 0.3 handler's call ([`wasi03`]) takes the same path: its `handle` returning a response is the head set,
+//! an error code returned is one set, and the call ends once the body has been read.
+//!
 //! A request body over `maxBodySize` is `413` if no response has started, and aborts the response if one has, so
 //! a client can never mistake a truncated echo for a complete one. A `Content-Length` over the limit is answered
 //! at once, unread. Otherwise the body is cut by [`http_body_util::Limited`], whose [`LengthLimitError`] is told
