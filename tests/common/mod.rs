@@ -446,6 +446,39 @@ pub async fn eventually<T>(limit: Duration, what: &str, mut probe: impl AsyncFnM
     }
 }
 
+/// A local upstream that answers every request with `upstream says hi`.
+pub async fn says_hi_upstream() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(|| async { "upstream says hi" });
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+/// Checks that `path`, of an app with `maxBodySize: 1000`, answers 413 `body_too_large` to a body over it, whether
+/// its `Content-Length` says so or it streams without one.
+pub async fn bodies_over_1000_bytes_answer_413(server: &TestServer, path: &str) {
+    let declared = client()
+        .post(server.url(path))
+        .body(vec![0u8; 1001])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(declared.status(), 413);
+    let body: serde_json::Value = declared.json().await.unwrap();
+    assert_eq!(body["code"], "body_too_large");
+    assert_eq!(body["limit"], 1000);
+    // Without a Content-Length the limit is enforced as the body streams.
+    let chunks = futures_util::stream::iter((0..4).map(|_| Ok::<_, std::io::Error>(vec![0u8; 400])));
+    let streamed = client()
+        .post(server.url(path))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(streamed.status(), 413);
+}
+
 pub async fn get_json(server: &TestServer, path: &str) -> (u16, serde_json::Value) {
     let response = client().get(server.url(path)).send().await.unwrap();
     let status = response.status().as_u16();

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::common::{client, AppsDir, MarinaProcess, TestServer};
+use crate::common::{bodies_over_1000_bytes_answer_413, client, says_hi_upstream, AppsDir, MarinaProcess, TestServer};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
@@ -65,18 +65,9 @@ async fn a_worker_sees_its_version_directory_read_only_as_its_whole_filesystem()
     assert!(!apps.path().join("lab/1.0.0/new.txt").exists());
 }
 
-/// A local upstream that answers every request with a fixed body.
-async fn upstream() -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = axum::Router::new().fallback(|| async { "upstream says hi" });
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
-}
-
 #[tokio::test]
 async fn outbound_http_is_denied_unless_the_host_is_allowed() {
-    let upstream = upstream().await;
+    let upstream = says_hi_upstream().await;
     let apps = AppsDir::new();
     apps.component("closed", "1.0.0", "lab", json!({}));
     apps.component(
@@ -114,26 +105,7 @@ async fn a_request_body_over_the_limit_answers_413() {
     apps.component("lab", "1.0.0", "lab", json!({"maxBodySize": 1000, "ttl": 60}));
     let server = TestServer::start(&apps.path()).await;
 
-    let declared = client()
-        .post(server.url("/lab/consume"))
-        .body(vec![0u8; 1001])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(declared.status(), 413);
-    let body: Value = declared.json().await.unwrap();
-    assert_eq!(body["code"], "body_too_large");
-    assert_eq!(body["limit"], 1000);
-
-    // Without a Content-Length the limit is enforced as the body streams.
-    let chunks = futures_util::stream::iter((0..4).map(|_| Ok::<_, std::io::Error>(vec![0u8; 400])));
-    let streamed = client()
-        .post(server.url("/lab/consume"))
-        .body(reqwest::Body::wrap_stream(chunks))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(streamed.status(), 413);
+    bodies_over_1000_bytes_answer_413(&server, "/lab/consume").await;
 
     let within = client()
         .post(server.url("/lab/consume"))

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::common::{
-    client, eventually, get_json, guest, js_fetch_event_guest, js_guest, languages_cache, python_guest, TestServer,
+    bodies_over_1000_bytes_answer_413, client, eventually, get_json, guest, js_fetch_event_guest, js_guest,
+    languages_cache, python_guest, says_hi_upstream, TestServer,
 };
 
 /// Long enough for the first request to wait out a compile on a loaded 2-core machine (a Python component takes
@@ -276,10 +277,7 @@ async fn a_first_request_that_outlasts_the_compile_gets_503_compiling_and_the_re
 
 #[tokio::test]
 async fn a_wasi_0_3_app_is_held_to_its_outbound_hosts_memory_cap_and_body_size_as_a_0_2_app_is() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream = listener.local_addr().unwrap();
-    let answer = axum::Router::new().fallback(|| async { "upstream says hi" });
-    tokio::spawn(async move { axum::serve(listener, answer).await.unwrap() });
+    let upstream = says_hi_upstream().await;
     let apps = tempfile::tempdir().unwrap();
     let wasm = guest("wasi03");
     let limits = json!({
@@ -310,21 +308,7 @@ async fn a_wasi_0_3_app_is_held_to_its_outbound_hosts_memory_cap_and_body_size_a
     assert_eq!(get(&server, "/open/hog?mb=4").await, (200, "held 4 MiB\n".into()));
 
     // A body over maxBodySize, declared or streamed without a length, is 413; one within it is echoed.
-    let declared = client()
-        .post(server.url("/open/echo"))
-        .body(vec![0u8; 1001])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(declared.status(), 413);
-    let chunks = futures_util::stream::iter((0..4).map(|_| Ok::<_, std::io::Error>(vec![7u8; 400])));
-    let streamed = client()
-        .post(server.url("/open/echo"))
-        .body(reqwest::Body::wrap_stream(chunks))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(streamed.status(), 413);
+    bodies_over_1000_bytes_answer_413(&server, "/open/echo").await;
     let within = client()
         .post(server.url("/open/echo"))
         .body(vec![7u8; 1000])
