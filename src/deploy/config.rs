@@ -24,6 +24,11 @@ pub(crate) const DEFAULT_TTL_SECS: u64 = 0;
 pub(crate) const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 60;
 /// Default number of requests a worker serves before it is recycled.
 pub(crate) const DEFAULT_MAX_REQUESTS: u64 = 1000;
+/// Default `maxConcurrentRequests`: requests one instance of a WASI 0.3 handler serves at once, as `wasmtime serve`
+/// does by default.
+pub(crate) const DEFAULT_MAX_CONCURRENT_REQUESTS: u64 = 16;
+/// The largest `maxConcurrentRequests` accepted.
+pub const MAX_CONCURRENT_REQUESTS_LIMIT: u64 = 1024;
 /// Default cap on one worker's linear memory, in MiB.
 pub(crate) const DEFAULT_MAX_MEMORY_MB: u64 = 128;
 /// The memory cap, in MiB, of a `lowMemory` app that sets no `maxMemoryMb`.
@@ -71,6 +76,12 @@ pub struct WorkerConfig {
     #[serde(default = "default_max_requests")]
     pub max_requests: u64,
 
+    /// Requests one instance serves at once, for a WASI 0.3 handler (`wasi:http/handler@0.3`), whose calls are
+    /// async: 1 serves them one after another, as for a WASI 0.2 handler, which ignores the setting. Requests
+    /// sharing an instance share its failures: a trap or a timeout ends every request on it. At most 1024.
+    #[serde(default = "default_max_concurrent_requests")]
+    pub max_concurrent_requests: u64,
+
     /// Run with a smaller memory cap and give idle memory back eagerly.
     #[serde(default)]
     pub low_memory: bool,
@@ -110,6 +121,9 @@ fn default_idle_timeout() -> u64 {
 fn default_max_requests() -> u64 {
     DEFAULT_MAX_REQUESTS
 }
+fn default_max_concurrent_requests() -> u64 {
+    DEFAULT_MAX_CONCURRENT_REQUESTS
+}
 fn default_max_body_size() -> u64 {
     DEFAULT_MAX_BODY_SIZE
 }
@@ -123,6 +137,7 @@ impl Default for WorkerConfig {
             ttl: DEFAULT_TTL_SECS,
             idle_timeout: DEFAULT_IDLE_TIMEOUT_SECS,
             max_requests: DEFAULT_MAX_REQUESTS,
+            max_concurrent_requests: DEFAULT_MAX_CONCURRENT_REQUESTS,
             low_memory: false,
             max_memory_mb: None,
             max_body_size: DEFAULT_MAX_BODY_SIZE,
@@ -379,6 +394,15 @@ impl WorkerConfig {
                 ));
             }
         }
+        if self.max_concurrent_requests == 0 || self.max_concurrent_requests > MAX_CONCURRENT_REQUESTS_LIMIT {
+            return Err(ConfigError::at(
+                "maxConcurrentRequests",
+                format!(
+                    "{} is outside 1..={MAX_CONCURRENT_REQUESTS_LIMIT}",
+                    self.max_concurrent_requests
+                ),
+            ));
+        }
         if let Some(mb) = self.max_memory_mb {
             if mb == 0 || mb > MAX_MEMORY_MB_LIMIT {
                 return Err(ConfigError::at(
@@ -530,6 +554,8 @@ mod tests {
     fn memory_caps_and_outbound_hosts_are_checked() {
         assert!(error_of(r#"{"maxMemoryMb": 0}"#).contains("field `maxMemoryMb`"));
         assert!(error_of(r#"{"maxMemoryMb": 5000}"#).contains("outside 1..=4096"));
+        assert!(error_of(r#"{"maxConcurrentRequests": 0}"#).contains("field `maxConcurrentRequests`"));
+        assert!(error_of(r#"{"maxConcurrentRequests": 1025}"#).contains("outside 1..=1024"));
         assert!(error_of(r#"{"allowedOutboundHosts": ["http://x.com"]}"#).contains("allowedOutboundHosts[0]"));
         assert!(error_of(r#"{"allowedOutboundHosts": ["a.com", "user@b.com"]}"#).contains("allowedOutboundHosts[1]"));
         let config = WorkerConfig::parse(br#"{"allowedOutboundHosts": ["a.com", "127.0.0.1:8080", "*"]}"#).unwrap();

@@ -318,3 +318,109 @@ async fn a_wasi_0_3_app_is_held_to_its_outbound_hosts_memory_cap_and_body_size_a
     assert_eq!(within.status(), 200);
     assert_eq!(within.bytes().await.unwrap(), vec![7u8; 1000]);
 }
+
+#[tokio::test]
+async fn a_wasi_0_3_instance_serves_a_request_that_comes_while_another_streams_and_a_trap_stops_both() {
+    let apps = tempfile::tempdir().unwrap();
+    let wasm = guest("wasi03");
+    deploy(
+        apps.path(),
+        "shared",
+        &wasm,
+        json!({"ttl": 300, "timeout": 2, "maxConcurrentRequests": 4}),
+    );
+    deploy(
+        apps.path(),
+        "alone",
+        &wasm,
+        json!({"ttl": 300, "timeout": 2, "maxConcurrentRequests": 1}),
+    );
+    let mut options = marina::server::ServeOptions::new(apps.path());
+    options.precompile = true;
+    let server = TestServer::start_with(options).await;
+    let created = async || {
+        get_json(&server, "/_/metrics").await.1["totalWorkersCreated"]
+            .as_u64()
+            .unwrap()
+    };
+    let idle = async || {
+        eventually(Duration::from_secs(10), "every worker idle", async || {
+            (get_json(&server, "/_/metrics").await.1["busyWorkers"] == 0).then_some(())
+        })
+        .await
+    };
+
+    // A request that comes while another streams (its first line is out, the last two are 50 and 100 ms away)
+    // joins its instance: the instance's count goes on from the stream's. With maxConcurrentRequests: 1 it gets an
+    // instance of its own.
+    for (app, shares) in [("shared", true), ("alone", false)] {
+        assert_eq!(get(&server, &format!("/{app}/count")).await, (200, "1\n".into()));
+        idle().await;
+        let before = created().await;
+        let mut streaming = client()
+            .get(server.url(&format!("/{app}/stream")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(streaming.chunk().await.unwrap().as_deref(), Some(&b"line 0\n"[..]));
+        let during = get(&server, &format!("/{app}/count")).await;
+        let mut rest = Vec::new();
+        while let Some(chunk) = streaming.chunk().await.unwrap() {
+            rest.extend_from_slice(&chunk);
+        }
+        assert_eq!(rest, b"line 1\nline 2\n", "{app}: the stream ended whole");
+        if shares {
+            assert_eq!(during, (200, "3\n".into()), "{app}: the third request of the instance");
+            assert_eq!(created().await, before, "{app}: no instance was made for it");
+        } else {
+            assert_eq!(during, (200, "1\n".into()), "{app}: a fresh instance's first request");
+            assert_eq!(created().await, before + 1, "{app}: an instance was made for it");
+        }
+        idle().await;
+    }
+
+    // A trap in a request sharing the instance stops the instance: the trapping request and the stream beside it
+    // both fail, the stream cut short, never ended as if complete; the next request gets a new instance.
+    let mut streaming = client().get(server.url("/shared/stream")).send().await.unwrap();
+    assert_eq!(streaming.chunk().await.unwrap().as_deref(), Some(&b"line 0\n"[..]));
+    let (status, body) = get_json(&server, "/shared/trap").await;
+    assert_eq!((status, body["code"].as_str()), (500, Some("app_failed")), "{body}");
+    let mut cut = false;
+    loop {
+        match streaming.chunk().await {
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(_) => {
+                cut = true;
+                break;
+            }
+        }
+    }
+    assert!(cut, "the stream beside the trap was cut, not ended cleanly");
+    idle().await;
+    assert_eq!(
+        get(&server, "/shared/count").await,
+        (200, "1\n".into()),
+        "a new instance"
+    );
+
+    // A loop past its timeout beside a stream: the loop answers 504, the stream is cut.
+    let mut streaming = client().get(server.url("/shared/stream")).send().await.unwrap();
+    assert_eq!(streaming.chunk().await.unwrap().as_deref(), Some(&b"line 0\n"[..]));
+    let looped = client().get(server.url("/shared/loop")).send().await.unwrap();
+    assert_eq!(looped.status(), 504);
+    let mut cut = false;
+    loop {
+        match streaming.chunk().await {
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(_) => {
+                cut = true;
+                break;
+            }
+        }
+    }
+    assert!(cut, "the stream beside the loop was cut");
+    let (_, stats) = get_json(&server, "/_/stats").await;
+    assert_eq!(stats["pool"]["totalWorkersFailed"], 2, "{}", stats["pool"]);
+}

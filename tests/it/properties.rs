@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
-use marina::deploy::config::{ProxyRule, ProxyRules, WorkerConfig, MAX_MEMORY_MB_LIMIT, MAX_TIMEOUT_SECS};
+use marina::deploy::config::{
+    ProxyRule, ProxyRules, WorkerConfig, MAX_CONCURRENT_REQUESTS_LIMIT, MAX_MEMORY_MB_LIMIT, MAX_TIMEOUT_SECS,
+};
 use marina::deploy::registry::{
     load_version, parse_spec, parse_target, scan_app, scan_apps_dir, valid_app_name, App, AppVersion, Deployment,
     ResolveError, Snapshot, Spec,
@@ -1317,12 +1319,13 @@ fn valid_config() -> impl Strategy<Value = WorkerConfig> {
             prop::collection::vec(host(), 0..3),
             prop::collection::btree_map(env_name(), "[^\0]{0,10}", 0..4),
             prop::collection::vec(valid_rule(), 0..3),
+            1..=MAX_CONCURRENT_REQUESTS_LIMIT,
         ),
     )
         .prop_map(
             |(
                 (schema, entrypoint, timeout, ttl, idle_timeout, max_requests, low_memory, max_memory_mb),
-                (max_body_size, allowed_outbound_hosts, env, proxy),
+                (max_body_size, allowed_outbound_hosts, env, proxy, max_concurrent_requests),
             )| WorkerConfig {
                 schema,
                 entrypoint,
@@ -1330,6 +1333,7 @@ fn valid_config() -> impl Strategy<Value = WorkerConfig> {
                 ttl,
                 idle_timeout,
                 max_requests,
+                max_concurrent_requests,
                 low_memory,
                 max_memory_mb,
                 max_body_size,
@@ -1469,7 +1473,8 @@ proptest! {
     #[test]
     fn numbers_outside_a_fields_range_are_refused_naming_the_field(
         field in prop::sample::select(vec![
-            "timeout", "ttl", "idleTimeout", "maxRequests", "maxMemoryMb", "maxBodySize", "proxy[0].timeout",
+            "timeout", "ttl", "idleTimeout", "maxRequests", "maxMemoryMb", "maxBodySize", "maxConcurrentRequests",
+            "proxy[0].timeout",
         ]),
         (text, number) in json_number(),
     ) {
@@ -1479,6 +1484,7 @@ proptest! {
         };
         let range = match field {
             "maxMemoryMb" => 1..=i128::from(MAX_MEMORY_MB_LIMIT),
+            "maxConcurrentRequests" => 1..=i128::from(MAX_CONCURRENT_REQUESTS_LIMIT),
             "timeout" | "proxy[0].timeout" => 0..=i128::from(MAX_TIMEOUT_SECS),
             _ => 0..=i128::from(u64::MAX),
         };
@@ -1494,6 +1500,7 @@ proptest! {
                     "maxRequests" => parsed.max_requests,
                     "maxMemoryMb" => parsed.max_memory_mb.unwrap(),
                     "maxBodySize" => parsed.max_body_size,
+                    "maxConcurrentRequests" => parsed.max_concurrent_requests,
                     _ => parsed.proxy.0[0].timeout.unwrap(),
                 };
                 prop_assert_eq!(i128::from(got), n);

@@ -18,7 +18,13 @@
 //! reached. How the call ended is counted by [`Pool::release`], and an error answer leaves only after that.
 //!
 //! A WASI 0.3 handler's call ([`wasi03`]) takes the same path: its `handle` returning a response is the head set,
-//! an error code returned is one set, and the call ends once the body has been read.
+//! an error code returned is one set, and the call ends once the body has been read. When the version lets an
+//! instance serve several requests at once (`maxConcurrentRequests`), a request first looks for an instance of it
+//! open to more ([`seats`](crate::backends::wasm::pool)) and is handed to the call serving it; one that finds none
+//! takes a worker and opens it. That call runs every request handed to it in its instance's event loop, each
+//! with the same deadline, body and outcome handling as a call of its own, and gives the worker back when the
+//! last one ends. A trap or a timeout stops the instance, and with it every request in it: the one whose deadline
+//! passed answers 504, the others 500.
 //!
 //! A request body over `maxBodySize` is `413` if no response has started, and aborts the response if one has, so
 //! a client can never mistake a truncated echo for a complete one. A `Content-Length` over the limit is answered
@@ -38,6 +44,7 @@ use axum::response::Response;
 use bytes::Bytes;
 use http::HeaderValue;
 use http_body::{Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::sync::{oneshot, Notify};
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
@@ -46,9 +53,11 @@ use wasmtime_wasi_http::WasiHttpView;
 
 use crate::backends::stall::StallTimeout;
 use crate::backends::wasm::lanes::Inline;
-use crate::backends::wasm::pool::{AcquireError, Lease, Outcome, Pool, VersionRuntime, NO_RESPONSE};
+use crate::backends::wasm::pool::{
+    AcquireError, Joiner, Lease, Outcome, Pool, SeatLimits, VersionRuntime, NO_RESPONSE,
+};
 use crate::backends::wasm::wasi03;
-use crate::backends::wasm::worker::{CallClock, Guest, GuestResponse};
+use crate::backends::wasm::worker::{CallClock, Guest, GuestResponse, Worker};
 use crate::error::Error;
 
 /// How long the response head waits for the call to end (its body gathered meanwhile) before it leaves with
@@ -78,6 +87,12 @@ enum AppFailure {
     /// The handler set an error code instead of a response.
     #[error("the app answered with an error: {0}")]
     Answered(String),
+    /// The instance stopped while it served the request alongside others (see [`Joined`]).
+    #[error(
+        "the app's instance stopped while serving this request: this request or another one sharing the instance \
+         trapped or ran past its timeout"
+    )]
+    Stopped,
 }
 
 /// Why a version's health check found no worker to be had.
@@ -224,7 +239,9 @@ pub(crate) async fn invoke(
         Ok(Err(error)) => return Err(error),
         Err(_) => {
             return Err(Error::Internal(
-                "the guest's call ended without an answer (the guest executor is shutting down)".into(),
+                "the guest's call ended without an answer: the instance it shared with other requests stopped \
+                 (one of them trapped or ran past its timeout), or the guest executor is shutting down"
+                    .into(),
             ))
         }
     };
@@ -277,6 +294,17 @@ async fn run(
     link: Arc<Link>,
     (mut head, released): (oneshot::Sender<Head>, oneshot::Sender<()>),
 ) {
+    if let Some(limits) = runtime.seat_limits().filter(|_| runtime.is_wasi03()) {
+        let joined = Joined {
+            request: request.map(BodyExt::boxed_unsync),
+            clock,
+            deadline,
+            link,
+            head,
+            released,
+        };
+        return run_seated(pool, runtime, joined, limits).await;
+    }
     let acquired = tokio::select! {
         acquired = pool.acquire(&runtime, &clock, deadline) => acquired,
         () = head.closed() => return,
@@ -322,6 +350,232 @@ async fn run(
         let _ = head.send(Err(error));
     }
     let _ = released.send(());
+}
+
+/// A request for an instance that serves several at once: what a call of its own would have.
+struct Joined {
+    request: http::Request<UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>>,
+    clock: Arc<CallClock>,
+    deadline: Option<Instant>,
+    link: Arc<Link>,
+    head: oneshot::Sender<Head>,
+    released: oneshot::Sender<()>,
+}
+
+/// [`run`] for a version whose instances serve several requests at once: the request joins an instance open to
+/// more, or takes a worker and opens it.
+async fn run_seated(pool: Arc<Pool>, runtime: Arc<VersionRuntime>, joined: Joined, limits: SeatLimits) {
+    let mut joined = match runtime.seats.join(Box::new(joined), limits) {
+        Ok(()) => {
+            pool.joined();
+            return;
+        }
+        Err(joiner) => unbox(joiner),
+    };
+    let acquired = tokio::select! {
+        acquired = pool.acquire(&runtime, &joined.clock, joined.deadline) => acquired,
+        () = joined.head.closed() => return,
+    };
+    match acquired {
+        Ok(lease) => serve_seated(pool, runtime, lease, joined, limits).await,
+        Err(error) => {
+            let _ = joined.head.send(Err(acquire_error(&runtime, error)));
+        }
+    }
+}
+
+fn unbox(joiner: Joiner) -> Joined {
+    *joiner.downcast::<Joined>().expect("what joins an instance is a Joined")
+}
+
+/// Serves `first` and every request that joins the instance of `lease` meanwhile, in one event loop, until the
+/// last one ends; then gives the worker back.
+async fn serve_seated(
+    pool: Arc<Pool>,
+    runtime: Arc<VersionRuntime>,
+    mut lease: Lease,
+    first: Joined,
+    limits: SeatLimits,
+) {
+    lease.worker.begin(first.clock.clone());
+    let (id, mut joiners) = runtime.seats.open(lease.worker.status.clone(), limits);
+    let (mut joined, mut reusable, mut failed) = (0, true, false);
+    let stopped = wasi03::Stopped::default();
+    let ran = {
+        let Worker { store, guest, .. } = &mut lease.worker;
+        let Guest::Wasi03(service) = &*guest else {
+            unreachable!("only a WASI 0.3 handler's instance is opened to several requests")
+        };
+        let (pool, runtime, stopped) = (&pool, &runtime, &stopped);
+        store
+            .run_concurrent(async |accessor| {
+                let mut calls = futures_util::stream::FuturesUnordered::new();
+                calls.push(seated_call(accessor, service, first, runtime, stopped));
+                let mut listening = true;
+                loop {
+                    tokio::select! {
+                        joiner = joiners.recv(), if listening => match joiner {
+                            Some(joiner) => {
+                                let request = unbox(joiner);
+                                accessor.with(|mut store| store.get().watch(request.clock.clone()));
+                                joined += 1;
+                                calls.push(seated_call(accessor, service, request, runtime, stopped));
+                            }
+                            None => listening = false,
+                        },
+                        Some(ended) = futures_util::StreamExt::next(&mut calls) => {
+                            let Ended { outcome, mut head, answer, released } = ended;
+                            accessor.with(|mut store| store.get().unwatch(&head.clock));
+                            failed |= pool.count(runtime, &outcome);
+                            // As for a call of its own: the client hears of a failure once it is counted.
+                            if let Some(error) = answer {
+                                head.send(Err(error));
+                            }
+                            head.answered();
+                            let _ = released.send(());
+                            if !matches!(outcome, Outcome::Returned) {
+                                // Whatever the guest was doing for it may still be going on: no one new joins.
+                                reusable = false;
+                                runtime.seats.close(id);
+                            }
+                            if !runtime.seats.leave(id) {
+                                break;
+                            }
+                        }
+                    }
+                }
+            })
+            .await
+    };
+    if let Err(stop) = ran {
+        // A trap or a deadline stopped the instance, and every request in it: those still in it were dropped
+        // with the loop, their fronts told by their heads going unanswered, their bodies cut.
+        stopped.stop();
+        runtime.seats.remove(id);
+        let outcome = if lease.worker.store.data().timed_out() {
+            Outcome::TimedOut
+        } else {
+            Outcome::Trapped(Arc::new(stop))
+        };
+        pool.count(&runtime, &outcome);
+        (reusable, failed) = (false, true);
+    }
+    pool.release_shared(lease, joined, reusable, failed);
+}
+
+/// How one request in a shared instance ended, for the loop to count and answer.
+struct Ended {
+    outcome: Outcome,
+    head: SeatedHead,
+    /// The error to answer with, once counted, when the call ended without a head.
+    answer: Option<Error>,
+    released: oneshot::Sender<()>,
+}
+
+/// The way from a request in a shared instance to its front. The call passes the head on through it; if the loop
+/// is dropped with the head unsent (the instance stopped: a trap, or a deadline, interrupted it), its drop answers
+/// with the error that says so.
+struct SeatedHead {
+    head: Option<oneshot::Sender<Head>>,
+    clock: Arc<CallClock>,
+    runtime: Arc<VersionRuntime>,
+}
+
+impl SeatedHead {
+    fn send(&mut self, head: Head) {
+        if let Some(sender) = self.head.take() {
+            let _ = sender.send(head);
+        }
+    }
+
+    /// The call is over and whatever it had to say was said: nothing more is sent, and its drop sends nothing.
+    fn answered(&mut self) {
+        self.head = None;
+    }
+
+    /// Resolves when the front stopped waiting (never, once the head is sent).
+    async fn closed(&mut self) {
+        match &mut self.head {
+            Some(sender) => sender.closed().await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+impl Drop for SeatedHead {
+    fn drop(&mut self) {
+        if let Some(sender) = self.head.take() {
+            let error = if self.clock.timed_out() {
+                timed_out(&self.runtime)
+            } else {
+                app_failed(&self.runtime, AppFailure::Stopped)
+            };
+            let _ = sender.send(Err(error));
+        }
+    }
+}
+
+/// One request in a shared instance: [`drive`] on a [`wasi03::serve`] in the loop that is running, its head
+/// passed on through a [`SeatedHead`].
+async fn seated_call(
+    accessor: &wasmtime::component::Accessor<crate::backends::wasm::worker::WorkerState>,
+    service: &wasmtime_wasi_http::p3::bindings::Service,
+    joined: Joined,
+    runtime: &Arc<VersionRuntime>,
+    stopped: &wasi03::Stopped,
+) -> Ended {
+    let Joined {
+        request,
+        clock,
+        deadline,
+        link,
+        head,
+        released,
+    } = joined;
+    let mut head = SeatedHead {
+        head: Some(head),
+        clock: clock.clone(),
+        runtime: runtime.clone(),
+    };
+    let (outparam, mut response) = oneshot::channel::<GuestResponse>();
+    let call = wasi03::serve(accessor, service, request, outparam, stopped);
+    let timing = Timing {
+        clock: &clock,
+        deadline,
+    };
+    // `drive` talks to a head of its own, which this passes on; the front going away drops its receiver.
+    let (to_front, mut from_drive) = oneshot::channel();
+    let driving = drive(call, &mut response, to_front, timing, &link, runtime);
+    tokio::pin!(driving);
+    let mut forwarding = true;
+    let (outcome, answer) = loop {
+        tokio::select! {
+            biased;
+            head_value = &mut from_drive, if forwarding => {
+                forwarding = false;
+                if let Ok(value) = head_value {
+                    head.send(value);
+                }
+            }
+            () = head.closed(), if forwarding => {
+                forwarding = false;
+                from_drive.close();
+            }
+            ended = &mut driving => break ended,
+        }
+    };
+    if forwarding {
+        // Sent just as the call ended.
+        if let Ok(value) = from_drive.try_recv() {
+            head.send(value);
+        }
+    }
+    Ended {
+        outcome,
+        head,
+        answer: answer.map(|(_, error)| error),
+        released,
+    }
 }
 
 /// An error answer that waits until the call's outcome is counted and its worker given back.

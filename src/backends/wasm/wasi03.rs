@@ -8,17 +8,20 @@
 //! client going away and the worker's release follow the same paths for both.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::sync::oneshot;
+use wasmtime::component::Accessor;
 use wasmtime::Store;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::p3::bindings::Service;
 use wasmtime_wasi_http::p3::Request;
-use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::{FieldMap, WasiHttpView};
 
 use crate::backends::wasm::worker::{GuestResponse, WorkerState};
 
@@ -30,33 +33,81 @@ pub(crate) async fn call(
     request: http::Request<impl Body<Data = Bytes, Error = wasmtime_wasi_http::Error> + Send + 'static>,
     outparam: oneshot::Sender<GuestResponse>,
 ) -> wasmtime::Result<()> {
-    let (request, request_io) = Request::from_http(store.data_mut().http().hooks, with_scheme(request));
-    store
-        .run_concurrent(async move |accessor| -> wasmtime::Result<()> {
-            let response = match service.handle(accessor, request).await? {
-                Ok(response) => response,
-                Err(code) => {
-                    let _ = outparam.send(Err(format!("{code:?}")));
-                    return Ok(());
-                }
-            };
-            let response = accessor.with(|mut store| response.into_http(&mut store, request_io))?;
-            let (ended, body_ended) = oneshot::channel();
-            let response = response.map(|body| {
-                Watched {
-                    body,
-                    ended: Some(ended),
-                }
-                .boxed_unsync()
-            });
-            if outparam.send(Ok(response)).is_err() {
-                return Ok(());
-            }
-            // Read to its end, or dropped: the loop has nothing more to feed it.
-            let _ = body_ended.await;
-            Ok(())
-        })
-        .await?
+    let stopped = Stopped::default();
+    let ran = store
+        .run_concurrent(async |accessor| serve(accessor, service, request, outparam, &stopped).await)
+        .await;
+    if !matches!(ran, Ok(Ok(()))) {
+        stopped.stop();
+    }
+    ran?
+}
+
+/// Set when an instance's event loop was stopped by a trap or a deadline, before the instance is dropped: its
+/// response bodies then end with an error. (Dropping the store closes a body's stream and its trailers' future,
+/// which `wasmtime-wasi-http` reads as a clean end.)
+#[derive(Clone, Default)]
+pub(crate) struct Stopped(Arc<AtomicBool>);
+
+impl Stopped {
+    pub(crate) fn stop(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// The error a body of a stopped instance ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("the app's instance stopped before the response body ended")]
+struct BodyCut;
+
+/// [`call`]'s work, inside an event loop that is already running: one of several requests on one instance.
+pub(crate) async fn serve(
+    accessor: &Accessor<WorkerState>,
+    service: &Service,
+    request: http::Request<impl Body<Data = Bytes, Error = wasmtime_wasi_http::Error> + Send + 'static>,
+    outparam: oneshot::Sender<GuestResponse>,
+    stopped: &Stopped,
+) -> wasmtime::Result<()> {
+    let (parts, body) = with_scheme(request).into_parts();
+    // What `Request::from_http` does, with the store reached through the accessor: the forbidden headers go.
+    let headers = accessor.with(|mut store| FieldMap::new_immutable(store.get().http().hooks, parts.headers));
+    let uri = parts.uri.into_parts();
+    let (request, request_io) = Request::new(
+        parts.method,
+        uri.scheme,
+        uri.authority,
+        uri.path_and_query,
+        headers,
+        None,
+        body,
+    );
+    let response = match service.handle(accessor, request).await? {
+        Ok(response) => response,
+        Err(code) => {
+            let _ = outparam.send(Err(format!("{code:?}")));
+            return Ok(());
+        }
+    };
+    let response = accessor.with(|mut store| response.into_http(&mut store, request_io))?;
+    let (ended, body_ended) = oneshot::channel();
+    let response = response.map(|body| {
+        Watched {
+            body,
+            ended: Some(ended),
+            stopped: stopped.clone(),
+        }
+        .boxed_unsync()
+    });
+    if outparam.send(Ok(response)).is_err() {
+        return Ok(());
+    }
+    // Read to its end, or dropped: the loop has nothing more to feed it.
+    let _ = body_ended.await;
+    Ok(())
 }
 
 /// The request as a 0.3 handler reads it: with the scheme and authority a 0.2 handler is given (`http`, and the
@@ -83,10 +134,12 @@ fn with_scheme<B>(request: http::Request<B>) -> http::Request<B> {
     http::Request::from_parts(parts, body)
 }
 
-/// The guest's response body, telling the call when it has been read to its end or dropped.
+/// The guest's response body, telling the call when it has been read to its end or dropped, and ending with an
+/// error if its instance stopped.
 struct Watched {
     body: HyperOutgoingBody,
     ended: Option<oneshot::Sender<()>>,
+    stopped: Stopped,
 }
 
 impl Body for Watched {
@@ -97,6 +150,11 @@ impl Body for Watched {
         let polled = Pin::new(&mut self.body).poll_frame(cx);
         if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
             self.ended.take();
+        }
+        if matches!(polled, Poll::Ready(None)) && self.stopped.is_stopped() {
+            return Poll::Ready(Some(Err(wasmtime_wasi_http::Error::InternalError(Some(
+                BodyCut.to_string(),
+            )))));
         }
         polled
     }

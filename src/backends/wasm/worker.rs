@@ -41,6 +41,9 @@ pub struct WorkerState {
     limits: MeteredLimits,
     /// The current call's deadline and yields, shared with the task that runs it.
     clock: Arc<CallClock>,
+    /// The clocks of the other calls in the instance, when it serves several at once (a WASI 0.3 handler): any of
+    /// their deadlines passing while the guest computes interrupts it too.
+    joined_clocks: Vec<Arc<CallClock>>,
     log_budget: Arc<LogBudget>,
 }
 
@@ -180,6 +183,7 @@ impl Worker {
             ),
             // The request's deadline covers instantiation too: a component whose start never returns traps.
             clock,
+            joined_clocks: Vec::new(),
             log_budget,
         };
         let mut store = Store::new(engine, state);
@@ -188,12 +192,19 @@ impl Worker {
         // deadline, trap. The first deadline is one tick away, so instantiation itself is covered too.
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|context| {
-            let clock = &context.data().clock;
-            if clock.past_deadline(Instant::now()) {
-                clock.timed_out.store(true, Ordering::Relaxed);
+            let state = context.data();
+            let now = Instant::now();
+            let mut past = false;
+            for clock in std::iter::once(&state.clock).chain(&state.joined_clocks) {
+                if clock.past_deadline(now) {
+                    clock.timed_out.store(true, Ordering::Relaxed);
+                    past = true;
+                }
+            }
+            if past {
                 Ok(UpdateDeadline::Interrupt)
             } else {
-                clock.yields.fetch_add(1, Ordering::Relaxed);
+                state.clock.yields.fetch_add(1, Ordering::Relaxed);
                 Ok(UpdateDeadline::Yield(1))
             }
         });
@@ -221,6 +232,23 @@ impl Worker {
         state.clock = clock;
         state.log_budget.reset();
         self.store.set_epoch_deadline(1);
+    }
+}
+
+impl WorkerState {
+    /// Another call joined the instance: its deadline counts too.
+    pub(crate) fn watch(&mut self, clock: Arc<CallClock>) {
+        self.joined_clocks.push(clock);
+    }
+
+    /// A joined call ended.
+    pub(crate) fn unwatch(&mut self, clock: &Arc<CallClock>) {
+        self.joined_clocks.retain(|watched| !Arc::ptr_eq(watched, clock));
+    }
+
+    /// Whether the epoch callback interrupted the guest for a deadline: the current call's, or a joined one's.
+    pub(crate) fn timed_out(&self) -> bool {
+        self.clock.timed_out() || self.joined_clocks.iter().any(|clock| clock.timed_out())
     }
 }
 

@@ -39,6 +39,7 @@
 mod fair;
 mod reaper;
 mod runtimes;
+mod seats;
 mod slots;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,6 +51,7 @@ use crate::backends::wasm::status::WorkerTable;
 use crate::backends::wasm::worker::{CallClock, Worker};
 
 pub(crate) use runtimes::VersionRuntime;
+pub(crate) use seats::{Joiner, SeatLimits};
 
 use runtimes::Versions;
 use slots::{Idle, Shared, Slot, Step};
@@ -328,8 +330,23 @@ impl Pool {
     /// waits idle (see [`fair`]); any other is dropped and its slot passed on. A trap, a timeout or no response
     /// counts toward the version's failure score; a client that went away does not, since the app did not fail.
     pub(crate) fn release(&self, lease: Lease, outcome: Outcome) {
+        // A call on a worker that had served before: one that answers nothing, of a version whose reused workers
+        // never answered, will do so again, and the version is served on fresh instances from then on.
+        if lease.worker.status.requests() > 0 {
+            match outcome {
+                Outcome::Returned => self.reused_call_ended(&lease.runtime, true),
+                Outcome::NoResponse => self.reused_call_ended(&lease.runtime, false),
+                _ => {}
+            }
+        }
+        let failed = self.count(&lease.runtime, &outcome);
+        self.put_back(lease, matches!(outcome, Outcome::Returned), Some(failed));
+    }
+
+    /// Counts how one call on a worker of `runtime` ended, logging a failure; returns whether it failed.
+    pub(crate) fn count(&self, runtime: &VersionRuntime, outcome: &Outcome) -> bool {
         let counters = &self.counters;
-        let failure = match &outcome {
+        let failure = match outcome {
             Outcome::Returned | Outcome::Abandoned => None,
             Outcome::TimedOut => {
                 bump(&counters.timeouts);
@@ -341,29 +358,33 @@ impl Pool {
             }
             Outcome::NoResponse => Some(NO_RESPONSE.to_owned()),
         };
-        // A call on a worker that had served before: one that answers nothing, of a version whose reused workers
-        // never answered, will do so again, and the version is served on fresh instances from then on.
-        if lease.worker.status.requests() > 0 {
-            match outcome {
-                Outcome::Returned => self.reused_call_ended(&lease.runtime, true),
-                Outcome::NoResponse => self.reused_call_ended(&lease.runtime, false),
-                _ => {}
-            }
+        let Some(failure) = failure else {
+            return false;
+        };
+        bump(&counters.failed);
+        if let Some(suppressed) = runtime.failure_log.admit() {
+            let identity = &runtime.identity;
+            tracing::error!(
+                app = %identity.app,
+                version = %identity.version,
+                suppressed,
+                "{failure}; the worker is discarded"
+            );
         }
-        let failed = failure.is_some();
-        if let Some(failure) = failure {
-            bump(&counters.failed);
-            if let Some(suppressed) = lease.runtime.failure_log.admit() {
-                let identity = &lease.runtime.identity;
-                tracing::error!(
-                    app = %identity.app,
-                    version = %identity.version,
-                    suppressed,
-                    "{failure}; the worker is discarded"
-                );
-            }
-        }
-        self.put_back(lease, matches!(outcome, Outcome::Returned), Some(failed));
+        true
+    }
+
+    /// A request joined an instance already serving others (see [`seats`]): a hit.
+    pub(crate) fn joined(&self) {
+        bump(&self.counters.hits);
+    }
+
+    /// Takes back an instance that served several requests at once: its opener's and `joined` more, each already
+    /// [counted](Pool::count). It serves again only if every one of them returned; `failed` if any failed.
+    pub(crate) fn release_shared(&self, lease: Lease, joined: u64, reusable: bool, failed: bool) {
+        let status = &lease.worker.status;
+        status.finished(status.requests() + joined, Instant::now());
+        self.put_back(lease, reusable, Some(failed));
     }
 
     /// Takes back a worker that served no request (a health check): kept warm if its version keeps workers.

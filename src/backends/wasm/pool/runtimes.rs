@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::OnceCell;
 
+use super::seats::{SeatLimits, Seats};
 use super::Pool;
-use crate::backends::wasm::engine::{Engine, LoadError, Loaded};
+use crate::backends::wasm::engine::{Engine, LoadError, Loaded, Pre};
 use crate::backends::wasm::guest_log::LogLimiter;
 use crate::backends::wasm::lanes::VersionMeter;
 use crate::backends::wasm::worker::Identity;
@@ -54,6 +55,8 @@ pub(crate) struct VersionRuntime {
     /// Set once a reused instance of it answered: a later call that answers nothing is then that call's bug (one
     /// route that forgets its response), not a component that cannot be reused.
     pub(super) reuse_answered: AtomicBool,
+    /// Its instances open to more requests at once (a WASI 0.3 handler with `maxConcurrentRequests` over one).
+    pub(crate) seats: Seats,
 }
 
 impl VersionRuntime {
@@ -61,6 +64,23 @@ impl VersionRuntime {
     pub(crate) fn timeout(&self) -> Option<Duration> {
         let secs = self.deployment.config.timeout;
         (secs > 0).then(|| Duration::from_secs(secs))
+    }
+
+    /// What an instance open to several requests at once may take: `None` when its instances take one at a time
+    /// (`maxConcurrentRequests: 1`, or instances that are not kept).
+    pub(crate) fn seat_limits(&self) -> Option<SeatLimits> {
+        let config = &self.deployment.config;
+        let at_once = usize::try_from(config.max_concurrent_requests).unwrap_or(usize::MAX);
+        (at_once > 1 && config.ttl > 0).then(|| SeatLimits {
+            at_once,
+            max_requests: config.max_requests,
+            ttl: Duration::from_secs(config.ttl),
+        })
+    }
+
+    /// Whether its component, compiled, is a WASI 0.3 handler (false while it is not compiled yet).
+    pub(crate) fn is_wasi03(&self) -> bool {
+        matches!(self.loaded.get(), Some(Ok(loaded)) if matches!(loaded.pre, Pre::Wasi03(_)))
     }
 
     /// How long the component has been compiling, while it is (started and not finished).
@@ -174,6 +194,7 @@ impl Pool {
             retired: AtomicBool::new(false),
             single_use: AtomicBool::new(false),
             reuse_answered: AtomicBool::new(false),
+            seats: Seats::default(),
         });
         if let Some(old) = runtimes.insert(key, runtime.clone()) {
             drop(runtimes);
