@@ -1,6 +1,6 @@
 //! Apps in Python and JavaScript, the examples of `runtime-sdk/python` and `runtime-sdk/js` built in the run, and the
-//! WASI 0.3 handler of `runtime-sdk/examples/wasi03.rs`, against `wasmtime serve` on the same components in the
-//! same run: Marina with `ttl > 0` (instances reused) against
+//! WASI 0.3 handler of `runtime-sdk/examples/wasi03.rs` (warm with its default of 16 requests per instance at
+//! once, and with one at a time), against `wasmtime serve` on the same components in the same run: Marina with `ttl > 0` (instances reused) against
 //! `wasmtime serve` with instance reuse and a timeout, and Marina with `ttl: 0` against `wasmtime serve`'s instance
 //! per request.
 //!
@@ -55,6 +55,10 @@ pub fn main() {
             ("WASI 0.3 (Rust)", "wasi03", common::guest("wasi03")),
         ];
         let apps = tempfile::tempdir().unwrap();
+        // The WASI 0.3 component once more, its instances taking one request at a time (as every 0.2 one does):
+        // what the default of 16 at once changes.
+        let one_at_a_time = json!({"ttl": 3600, "idleTimeout": 3600, "maxRequests": 0, "maxConcurrentRequests": 1});
+        deploy(apps.path(), "wasi03-one", &languages[2].2, one_at_a_time);
         for (_, name, wasm) in &languages {
             // The timeout covers a compile on the first request, when the cache is empty.
             let warm = json!({"ttl": 3600, "idleTimeout": 3600, "maxRequests": 0, "timeout": 300});
@@ -108,6 +112,13 @@ pub fn main() {
                 url: marina.url(&format!("/{name}-fresh/")),
                 anchor: fresh_row,
             });
+            if *name == "wasi03" {
+                scenarios.push(Scenario {
+                    name: format!("{language}: Marina, ttl > 0, maxConcurrentRequests: 1"),
+                    url: marina.url("/wasi03-one/"),
+                    anchor: reuse_row,
+                });
+            }
         }
         if skipped {
             eprintln!(

@@ -424,3 +424,43 @@ async fn a_wasi_0_3_instance_serves_a_request_that_comes_while_another_streams_a
     let (_, stats) = get_json(&server, "/_/stats").await;
     assert_eq!(stats["pool"]["totalWorkersFailed"], 2, "{}", stats["pool"]);
 }
+
+#[tokio::test]
+async fn many_requests_at_once_on_shared_wasi_0_3_instances_are_each_answered_with_their_own_body() {
+    let apps = tempfile::tempdir().unwrap();
+    deploy(apps.path(), "shared", &guest("wasi03"), json!({"ttl": 300}));
+    let mut options = marina::server::ServeOptions::new(apps.path());
+    options.precompile = true;
+    let server = TestServer::start_with(options).await;
+    assert_eq!(get(&server, "/shared/count").await, (200, "1\n".into()));
+
+    // 32 clients, 20 uploads each, every body its own: requests join and leave instances all the time.
+    let clients: Vec<_> = (0..32)
+        .map(|client_number| {
+            let url = server.url("/shared/echo");
+            tokio::spawn(async move {
+                let http = client();
+                for request in 0..20 {
+                    let body = format!("client {client_number} request {request} ").repeat(50);
+                    let response = http.post(&url).body(body.clone()).send().await.unwrap();
+                    assert_eq!(response.status(), 200);
+                    assert_eq!(response.text().await.unwrap(), body);
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, stats) = get_json(&server, "/_/stats").await;
+        if stats["apps"]["shared@1.0.0"]["requests"] == 641 && stats["pool"]["busyWorkers"] == 0 {
+            assert_eq!(stats["apps"]["shared@1.0.0"]["statuses"], json!({"200": 641}));
+            assert_eq!(stats["pool"]["totalWorkersFailed"], 0, "{}", stats["pool"]);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the requests were not all counted: {stats}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -384,6 +384,17 @@ async fn run_seated(pool: Arc<Pool>, runtime: Arc<VersionRuntime>, joined: Joine
     }
 }
 
+/// [`run_seated`] as a boxed future, for [`serve_seated`] to start again what it could not serve: a future that
+/// contains itself needs the box, and its type names `Send` so that the compiler need not prove it of itself.
+fn run_seated_again(
+    pool: Arc<Pool>,
+    runtime: Arc<VersionRuntime>,
+    joined: Joined,
+    limits: SeatLimits,
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    Box::pin(run_seated(pool, runtime, joined, limits))
+}
+
 fn unbox(joiner: Joiner) -> Joined {
     *joiner.downcast::<Joined>().expect("what joins an instance is a Joined")
 }
@@ -461,6 +472,14 @@ async fn serve_seated(
         (reusable, failed) = (false, true);
     }
     pool.release_shared(lease, joined, reusable, failed);
+    // Requests handed over as the loop stopped never ran: each starts again, as if it had just arrived.
+    joiners.close();
+    while let Ok(joiner) = joiners.try_recv() {
+        let request = unbox(joiner);
+        let clock = request.clock.clone();
+        let again = run_seated_again(pool.clone(), runtime.clone(), request, limits);
+        pool.engine().lanes().spawn(runtime.meter.clone(), clock, again);
+    }
 }
 
 /// How one request in a shared instance ended, for the loop to count and answer.
