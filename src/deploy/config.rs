@@ -594,8 +594,8 @@ mod tests {
         let value = serde_json::to_value(WorkerConfig::default()).unwrap();
         assert_eq!(
             value,
-            serde_json::json!({"timeout": 30, "ttl": 0, "idleTimeout": 60, "maxRequests": 1000, "lowMemory": false,
-                               "maxBodySize": 33554432})
+            serde_json::json!({"timeout": 30, "ttl": 0, "idleTimeout": 60, "maxRequests": 1000,
+                               "maxConcurrentRequests": 16, "lowMemory": false, "maxBodySize": 33554432})
         );
     }
 
