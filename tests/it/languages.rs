@@ -319,6 +319,17 @@ async fn a_wasi_0_3_app_is_held_to_its_outbound_hosts_memory_cap_and_body_size_a
     assert_eq!(within.bytes().await.unwrap(), vec![7u8; 1000]);
 }
 
+/// Reads `response` to its end: true if its body ended with an error, false if it ended cleanly.
+async fn ends_cut(mut response: reqwest::Response) -> bool {
+    loop {
+        match response.chunk().await {
+            Ok(Some(_)) => {}
+            Ok(None) => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_wasi_0_3_instance_serves_a_request_that_comes_while_another_streams_and_a_trap_stops_both() {
     let apps = tempfile::tempdir().unwrap();
@@ -385,18 +396,10 @@ async fn a_wasi_0_3_instance_serves_a_request_that_comes_while_another_streams_a
     assert_eq!(streaming.chunk().await.unwrap().as_deref(), Some(&b"line 0\n"[..]));
     let (status, body) = get_json(&server, "/shared/trap").await;
     assert_eq!((status, body["code"].as_str()), (500, Some("app_failed")), "{body}");
-    let mut cut = false;
-    loop {
-        match streaming.chunk().await {
-            Ok(Some(_)) => {}
-            Ok(None) => break,
-            Err(_) => {
-                cut = true;
-                break;
-            }
-        }
-    }
-    assert!(cut, "the stream beside the trap was cut, not ended cleanly");
+    assert!(
+        ends_cut(streaming).await,
+        "the stream beside the trap was cut, not ended cleanly"
+    );
     idle().await;
     assert_eq!(
         get(&server, "/shared/count").await,
@@ -409,18 +412,7 @@ async fn a_wasi_0_3_instance_serves_a_request_that_comes_while_another_streams_a
     assert_eq!(streaming.chunk().await.unwrap().as_deref(), Some(&b"line 0\n"[..]));
     let looped = client().get(server.url("/shared/loop")).send().await.unwrap();
     assert_eq!(looped.status(), 504);
-    let mut cut = false;
-    loop {
-        match streaming.chunk().await {
-            Ok(Some(_)) => {}
-            Ok(None) => break,
-            Err(_) => {
-                cut = true;
-                break;
-            }
-        }
-    }
-    assert!(cut, "the stream beside the loop was cut");
+    assert!(ends_cut(streaming).await, "the stream beside the loop was cut");
     let (_, stats) = get_json(&server, "/_/stats").await;
     assert_eq!(stats["pool"]["totalWorkersFailed"], 2, "{}", stats["pool"]);
 }
