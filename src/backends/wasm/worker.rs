@@ -3,8 +3,8 @@
 //! A worker's whole world is built here: the config's `env` plus `MARINA_APP`/`MARINA_VERSION` (never the host's
 //! environment), its version directory mounted read-only at `/` (nothing else of the filesystem), no sockets,
 //! outbound HTTP only to `allowedOutboundHosts`, a memory cap, and stdout/stderr turned into log lines (by
-//! [`guest_log`](super::guest_log)). A worker serves one request at a time; the pool decides whether it serves
-//! another.
+//! [`guest_log`](super::guest_log)). A worker serves one request at a time (a WASI 0.3 handler's may serve
+//! several at once, in one event loop: see [`invoke`](super::invoke)); the pool decides whether it serves another.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

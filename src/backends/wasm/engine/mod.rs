@@ -16,13 +16,11 @@ mod exports;
 mod ticker;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use std::sync::OnceLock;
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Enabled, InstanceAllocationStrategy, PoolingAllocationConfig};
-
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p3::bindings::ServicePre;
 
@@ -94,7 +92,7 @@ pub(crate) enum LoadError {
     /// The component imports something the host does not provide.
     #[error("the component cannot be linked")]
     Link(#[source] wasmtime::Error),
-    /// The file is not a wasi:http 0.2 handler, as its exports tell before it is compiled.
+    /// The file is not a wasi:http handler, as its exports tell before it is compiled.
     #[error("the component cannot be served")]
     NotServable(#[source] NotServable),
     /// The component exports the handler's name, but not with the handler's type (or, for WASI 0.3, not the
