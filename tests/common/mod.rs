@@ -46,7 +46,7 @@ impl AppsDir {
 
 /// The example components of `runtime-sdk/examples`, built from source once per process (for the test binary:
 /// once per run, by whichever test asks first, while the others wait); returns the path of the built
-/// `<name>.wasm` (`hello`, `echo`, `todo_api`, `lab`, `raw_wasip2`, `command`, `wasi03`).
+/// `<name>.wasm` (`hello`, `echo`, `todo_api`, `lab`, `raw_wasip2`, `command`, `wasi03`, `spin`).
 pub fn guest(name: &str) -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     let dir = BUILT.get_or_init(|| {

@@ -456,3 +456,50 @@ async fn many_requests_at_once_on_shared_wasi_0_3_instances_are_each_answered_wi
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn a_spin_sdk_7_component_serves_get_and_post_on_fresh_and_reused_instances_with_its_own_env() {
+    let apps = tempfile::tempdir().unwrap();
+    let wasm = guest("spin");
+    deploy(
+        apps.path(),
+        "warm",
+        &wasm,
+        json!({"ttl": 300, "env": {"GREETING": "Hi"}}),
+    );
+    deploy(apps.path(), "fresh", &wasm, json!({"ttl": 0}));
+    let mut options = marina::server::ServeOptions::new(apps.path());
+    options.precompile = true;
+    let server = TestServer::start_with(options).await;
+
+    assert_eq!(get(&server, "/warm/").await, (200, "Hi from Spin\n".into()));
+    assert_eq!(get(&server, "/fresh/").await, (200, "Hello from Spin\n".into()));
+    let mut counts = Vec::new();
+    for _ in 0..3 {
+        counts.push(get(&server, "/warm/count").await.1.trim().parse::<u64>().unwrap());
+        assert_eq!(get(&server, "/fresh/count").await, (200, "1\n".into()));
+    }
+    assert!(counts.windows(2).all(|pair| pair[1] > pair[0]), "{counts:?}");
+    for app in ["warm", "fresh"] {
+        let body = "spin echoes this ".repeat(1000);
+        let response = client()
+            .post(server.url(&format!("/{app}/echo")))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.text().await.unwrap(), body, "{app}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, stats) = get_json(&server, "/_/stats").await;
+        let requests = |app: &str| stats["apps"][format!("{app}@1.0.0")]["requests"].as_u64();
+        if (requests("warm"), requests("fresh")) == (Some(5), Some(5)) {
+            assert_eq!(stats["pool"]["totalWorkersFailed"], 0, "{}", stats["pool"]);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the requests were not counted: {stats}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
