@@ -234,8 +234,9 @@ async fn a_fetch_event_app_whose_reused_instance_answers_nothing_gets_a_fresh_in
 #[tokio::test]
 async fn a_first_request_that_outlasts_the_compile_gets_503_compiling_and_the_requests_after_it_are_served() {
     let apps = tempfile::tempdir().unwrap();
-    // No cache: a Python component takes seconds to compile, far longer than this timeout.
-    deploy(apps.path(), "slow", &python_guest(), json!({"ttl": 300, "timeout": 1}));
+    // No cache: a Python component takes 6 s or more to compile, longer than this timeout, which still leaves a
+    // loaded machine time to start the instance once the compile is done (1 s did not, in one CI run).
+    deploy(apps.path(), "slow", &python_guest(), json!({"ttl": 300, "timeout": 3}));
     let mut options = marina::server::ServeOptions::new(apps.path());
     options.cache_dir = None;
     let server = TestServer::start_with(options).await;
@@ -248,7 +249,7 @@ async fn a_first_request_that_outlasts_the_compile_gets_503_compiling_and_the_re
     assert_eq!((&body["app"], &body["version"]), (&json!("slow"), &json!("1.0.0")));
     let error = body["error"].as_str().unwrap();
     assert!(
-        error.starts_with("slow@1.0.0 is still being compiled (") && error.contains("longer than its 1s timeout"),
+        error.starts_with("slow@1.0.0 is still being compiled (") && error.contains("longer than its 3s timeout"),
         "{error}"
     );
 
