@@ -58,9 +58,14 @@ async fn serves_get_and_post_fresh_and_reused_with_its_own_env(wasm: &Path, gree
         get(&server, "/fresh/").await,
         (200, format!("Hello {greeting_suffix}\n"))
     );
-    // One request after another: a reused instance counts on, a fresh one always starts at one.
+    // One request after another: a reused instance counts on, a fresh one always starts at one. (Each waits for
+    // the last one's worker to be back in the pool, which it is just after the client read the response.)
     let mut counts = Vec::new();
     for _ in 0..3 {
+        eventually(Duration::from_secs(10), "the warm worker idle", async || {
+            (get_json(&server, "/_/metrics").await.1["busyWorkers"] == 0).then_some(())
+        })
+        .await;
         counts.push(get(&server, "/warm/count").await.1.trim().parse::<u64>().unwrap());
     }
     assert!(counts.windows(2).all(|pair| pair[1] == pair[0] + 1), "{counts:?}");

@@ -412,16 +412,17 @@ async fn serve_seated(
     let (id, mut joiners) = runtime.seats.open(lease.worker.status.clone(), limits);
     let (mut joined, mut reusable, mut failed) = (0, true, false);
     let stopped = wasi03::Stopped::default();
+    let unanswered = Unanswered::default();
     let ran = {
         let Worker { store, guest, .. } = &mut lease.worker;
         let Guest::Wasi03(service) = &*guest else {
             unreachable!("only a WASI 0.3 handler's instance is opened to several requests")
         };
-        let (pool, runtime, stopped) = (&pool, &runtime, &stopped);
+        let (pool, runtime, stopped, unanswered) = (&pool, &runtime, &stopped, &unanswered);
         store
             .run_concurrent(async |accessor| {
                 let mut calls = futures_util::stream::FuturesUnordered::new();
-                calls.push(seated_call(accessor, service, first, runtime, stopped));
+                calls.push(seated_call(accessor, service, first, (runtime, stopped, unanswered)));
                 let mut listening = true;
                 loop {
                     tokio::select! {
@@ -430,7 +431,7 @@ async fn serve_seated(
                                 let request = unbox(joiner);
                                 accessor.with(|mut store| store.get().watch(request.clock.clone()));
                                 joined += 1;
-                                calls.push(seated_call(accessor, service, request, runtime, stopped));
+                                calls.push(seated_call(accessor, service, request, (runtime, stopped, unanswered)));
                             }
                             None => listening = false,
                         },
@@ -472,6 +473,10 @@ async fn serve_seated(
         (reusable, failed) = (false, true);
     }
     pool.release_shared(lease, joined, reusable, failed);
+    // As for a call of its own, the requests the stop failed hear of it once it is counted and the worker gone.
+    for (head, error) in unanswered.take() {
+        let _ = head.send(Err(error));
+    }
     // Requests handed over as the loop stopped never ran: each starts again, as if it had just arrived.
     joiners.close();
     while let Ok(joiner) = joiners.try_recv() {
@@ -492,12 +497,30 @@ struct Ended {
 }
 
 /// The way from a request in a shared instance to its front. The call passes the head on through it; if the loop
-/// is dropped with the head unsent (the instance stopped: a trap, or a deadline, interrupted it), its drop answers
-/// with the error that says so.
+/// is dropped with the head unsent (the instance stopped: a trap, or a deadline, interrupted it), its drop leaves
+/// the error that says so in [`Unanswered`], for the loop's owner to send once the stop is counted.
 struct SeatedHead {
     head: Option<oneshot::Sender<Head>>,
     clock: Arc<CallClock>,
     runtime: Arc<VersionRuntime>,
+    unanswered: Unanswered,
+}
+
+/// The error answers of a shared instance's requests that its stop left unanswered.
+#[derive(Clone, Default)]
+struct Unanswered(Arc<std::sync::Mutex<Vec<ErrorAnswer>>>);
+
+impl Unanswered {
+    fn push(&self, head: oneshot::Sender<Head>, error: Error) {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push((head, error));
+    }
+
+    fn take(&self) -> Vec<ErrorAnswer> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
 }
 
 impl SeatedHead {
@@ -529,7 +552,7 @@ impl Drop for SeatedHead {
             } else {
                 app_failed(&self.runtime, AppFailure::Stopped)
             };
-            let _ = sender.send(Err(error));
+            self.unanswered.push(sender, error);
         }
     }
 }
@@ -540,8 +563,7 @@ async fn seated_call(
     accessor: &wasmtime::component::Accessor<crate::backends::wasm::worker::WorkerState>,
     service: &wasmtime_wasi_http::p3::bindings::Service,
     joined: Joined,
-    runtime: &Arc<VersionRuntime>,
-    stopped: &wasi03::Stopped,
+    (runtime, stopped, unanswered): (&Arc<VersionRuntime>, &wasi03::Stopped, &Unanswered),
 ) -> Ended {
     let Joined {
         request,
@@ -555,6 +577,7 @@ async fn seated_call(
         head: Some(head),
         clock: clock.clone(),
         runtime: runtime.clone(),
+        unanswered: unanswered.clone(),
     };
     let (outparam, mut response) = oneshot::channel::<GuestResponse>();
     let call = wasi03::serve(accessor, service, request, outparam, stopped);
@@ -598,7 +621,9 @@ async fn seated_call(
 }
 
 /// An error answer that waits until the call's outcome is counted and its worker given back.
-type Answer = Option<(oneshot::Sender<Head>, Error)>;
+type Answer = Option<ErrorAnswer>;
+/// A front's head and the error it is to be answered with.
+type ErrorAnswer = (oneshot::Sender<Head>, Error);
 
 /// A call's deadline: the instant, for the call's own timer, and the clock the epoch callback reads.
 struct Timing<'a> {
