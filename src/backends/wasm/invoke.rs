@@ -461,7 +461,7 @@ async fn serve_seated(
     };
     if let Err(stop) = ran {
         // A trap or a deadline stopped the instance, and every request in it: those still in it were dropped
-        // with the loop, their fronts told by their heads going unanswered, their bodies cut.
+        // with the loop, their error answers left in `unanswered`, their bodies about to be cut.
         stopped.stop();
         runtime.seats.remove(id);
         let outcome = if lease.worker.store.data().timed_out() {
