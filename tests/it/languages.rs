@@ -30,6 +30,20 @@ async fn get(server: &TestServer, path: &str) -> (u16, String) {
     (response.status().as_u16(), response.text().await.unwrap())
 }
 
+/// `/_/stats` once `counted` holds of it (within 10 s): the requests just made are counted once each is over.
+async fn stats_once(server: &TestServer, counted: impl Fn(&Value) -> bool) -> Value {
+    eventually(Duration::from_secs(10), "the requests' counting", async || {
+        let (_, stats) = get_json(server, "/_/stats").await;
+        counted(&stats).then_some(stats)
+    })
+    .await
+}
+
+/// The requests `app@1.0.0` has had, in the stats.
+fn requests_of(stats: &Value, app: &str) -> Option<u64> {
+    stats["apps"][format!("{app}@1.0.0")]["requests"].as_u64()
+}
+
 /// Serves the example `wasm` as a reused (`warm`) and a fresh (`fresh`) app and checks everything the examples
 /// share: the greeting and the env of each app's own config, POST with a body, how many requests an instance saw,
 /// and the metrics' counts.
@@ -94,19 +108,13 @@ async fn serves_get_and_post_fresh_and_reused_with_its_own_env(wasm: &Path, gree
     }
 
     // warm: 1 + 3 + 3 + 1 requests (one 404), fresh: 1 + 3 + 1 + 1 (one 404), each counted once it is over.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, stats) = get_json(&server, "/_/stats").await;
-        let requests = |app: &str| stats["apps"][format!("{app}@1.0.0")]["requests"].as_u64();
-        if (requests("warm"), requests("fresh")) == (Some(8), Some(6)) {
-            assert_eq!(stats["apps"]["warm@1.0.0"]["statuses"], json!({"200": 7, "404": 1}));
-            assert_eq!(stats["apps"]["fresh@1.0.0"]["statuses"], json!({"200": 5, "404": 1}));
-            assert_eq!(stats["pool"]["totalWorkersFailed"], 0, "{}", stats["pool"]);
-            break;
-        }
-        assert!(Instant::now() < deadline, "the requests were not counted: {stats}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let stats = stats_once(&server, |stats| {
+        (requests_of(stats, "warm"), requests_of(stats, "fresh")) == (Some(8), Some(6))
+    })
+    .await;
+    assert_eq!(stats["apps"]["warm@1.0.0"]["statuses"], json!({"200": 7, "404": 1}));
+    assert_eq!(stats["apps"]["fresh@1.0.0"]["statuses"], json!({"200": 5, "404": 1}));
+    assert_eq!(stats["pool"]["totalWorkersFailed"], 0, "{}", stats["pool"]);
 }
 
 #[tokio::test]
@@ -192,18 +200,10 @@ async fn a_wasi_0_3_body_written_after_its_handler_returned_streams_and_its_fail
         "a timed-out instance is not reused"
     );
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, stats) = get_json(&server, "/_/stats").await;
-        let app = &stats["apps"]["p3@1.0.0"];
-        if app["requests"] == 7 {
-            assert_eq!(app["statuses"], json!({"200": 4, "500": 2, "504": 1}), "{app}");
-            assert_eq!(stats["pool"]["totalWorkersFailed"], 2, "{}", stats["pool"]);
-            break;
-        }
-        assert!(Instant::now() < deadline, "the requests were not counted: {stats}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let stats = stats_once(&server, |stats| requests_of(stats, "p3") == Some(7)).await;
+    let app = &stats["apps"]["p3@1.0.0"];
+    assert_eq!(app["statuses"], json!({"200": 4, "500": 2, "504": 1}), "{app}");
+    assert_eq!(stats["pool"]["totalWorkersFailed"], 2, "{}", stats["pool"]);
 }
 
 #[tokio::test]
@@ -450,17 +450,12 @@ async fn many_requests_at_once_on_shared_wasi_0_3_instances_are_each_answered_wi
     for client in clients {
         client.await.unwrap();
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, stats) = get_json(&server, "/_/stats").await;
-        if stats["apps"]["shared@1.0.0"]["requests"] == 641 && stats["pool"]["busyWorkers"] == 0 {
-            assert_eq!(stats["apps"]["shared@1.0.0"]["statuses"], json!({"200": 641}));
-            assert_eq!(stats["pool"]["totalWorkersFailed"], 0, "{}", stats["pool"]);
-            break;
-        }
-        assert!(Instant::now() < deadline, "the requests were not all counted: {stats}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let stats = stats_once(&server, |stats| {
+        requests_of(stats, "shared") == Some(641) && stats["pool"]["busyWorkers"] == 0
+    })
+    .await;
+    assert_eq!(stats["apps"]["shared@1.0.0"]["statuses"], json!({"200": 641}));
+    assert_eq!(stats["pool"]["totalWorkersFailed"], 0, "{}", stats["pool"]);
 }
 
 #[tokio::test]
@@ -497,15 +492,9 @@ async fn a_spin_sdk_7_component_serves_get_and_post_on_fresh_and_reused_instance
         assert_eq!(response.status(), 200);
         assert_eq!(response.text().await.unwrap(), body, "{app}");
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, stats) = get_json(&server, "/_/stats").await;
-        let requests = |app: &str| stats["apps"][format!("{app}@1.0.0")]["requests"].as_u64();
-        if (requests("warm"), requests("fresh")) == (Some(5), Some(5)) {
-            assert_eq!(stats["pool"]["totalWorkersFailed"], 0, "{}", stats["pool"]);
-            break;
-        }
-        assert!(Instant::now() < deadline, "the requests were not counted: {stats}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let stats = stats_once(&server, |stats| {
+        (requests_of(stats, "warm"), requests_of(stats, "fresh")) == (Some(5), Some(5))
+    })
+    .await;
+    assert_eq!(stats["pool"]["totalWorkersFailed"], 0, "{}", stats["pool"]);
 }

@@ -294,7 +294,8 @@ async fn run(
     link: Arc<Link>,
     (mut head, released): (oneshot::Sender<Head>, oneshot::Sender<()>),
 ) {
-    if let Some(limits) = runtime.seat_limits().filter(|_| runtime.is_wasi03()) {
+    // Asked first, so that a 0.2 version's request reads one flag here, not its config.
+    if let Some(limits) = runtime.is_wasi03().then(|| runtime.seat_limits()).flatten() {
         let joined = Joined {
             request: request.map(BodyExt::boxed_unsync),
             clock,

@@ -183,8 +183,8 @@ impl Engine {
         let (engine, linker) = match handler {
             Handler::Wasi02 => (&self.wasmtime, &self.linker),
             Handler::Wasi03 => {
-                let (engine, linker) = self.concurrent().map_err(LoadError::Engine)?;
-                (engine, linker)
+                let made = self.concurrent().map_err(LoadError::Engine)?;
+                (&made.0, &made.1)
             }
         };
         let (component, from_cache) = match &self.cache {
